@@ -1,0 +1,206 @@
+"""SQLModel tables: the returns database is the source of truth (DESIGN.md). Money is integer cents."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores aware datetimes as UTC and always returns them aware (SQLite keeps no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime reached the database")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def ts(nullable: bool = True, index: bool = False) -> datetime | None:  # type: ignore[return]
+    """A timezone-aware timestamp column."""
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class Product(SQLModel, table=True):
+    __tablename__ = "products"
+    sku: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    kind: str = Field(max_length=20)
+    size: str = Field(max_length=20)
+    final_sale: bool = False
+    price_cents: int | None = None
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+    account: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    email: str = Field(max_length=254)
+    line1: str = Field(max_length=200)
+    line2: str = Field(default="", max_length=200)
+    city: str = Field(max_length=100)
+    region: str = Field(default="", max_length=100)
+    postal_code: str = Field(max_length=20)
+    country: str = Field(max_length=2)
+
+
+class Order(SQLModel, table=True):
+    __tablename__ = "orders"
+    number: str = Field(primary_key=True, max_length=64)
+    account: str = Field(foreign_key="customers.account", index=True, max_length=64)
+    channel: str = Field(max_length=10)
+    placed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    delivered_at: datetime | None = ts()
+
+
+class OrderLine(SQLModel, table=True):
+    __tablename__ = "order_lines"
+    __table_args__ = (UniqueConstraint("order_number", "sku"),)
+    id: int | None = Field(default=None, primary_key=True)
+    order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
+    sku: str = Field(foreign_key="products.sku", max_length=64)
+    quantity: int
+    unit_price_cents: int
+    unit_tax_cents: int
+    expires_on: date | None = None
+
+
+class Payment(SQLModel, table=True):
+    __tablename__ = "payments"
+    __table_args__ = (UniqueConstraint("order_number", "seq"),)
+    id: int | None = Field(default=None, primary_key=True)
+    order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
+    seq: int
+    method: str = Field(max_length=20)
+    amount_cents: int
+    refunded_cents: int = 0
+    last4: str | None = Field(default=None, max_length=4)
+    captured_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class Return(SQLModel, table=True):
+    __tablename__ = "returns"
+    id: int | None = Field(default=None, primary_key=True)
+    rma: str | None = Field(default=None, unique=True, max_length=16)
+    order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
+    idempotency_key: str | None = Field(default=None, unique=True, max_length=128)
+    reason: str = Field(max_length=20)
+    resolution: str = Field(max_length=20)
+    state: str = Field(index=True, max_length=20)
+    policy_version: str = Field(max_length=40)
+    decision: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    refund_total_cents: int = 0
+    requested_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    rma_issued_at: datetime | None = ts()
+    rma_expires_at: datetime | None = ts(index=True)
+    received_at: datetime | None = ts()
+    deadline_at: datetime | None = ts(index=True)
+    claimed_until: datetime | None = ts()
+    completed_at: datetime | None = ts()
+    due_soon_flagged_at: datetime | None = ts()
+    overdue_flagged_at: datetime | None = ts()
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ReturnLine(SQLModel, table=True):
+    __tablename__ = "return_lines"
+    id: int | None = Field(default=None, primary_key=True)
+    return_id: int = Field(foreign_key="returns.id", index=True)
+    order_line_id: int = Field(foreign_key="order_lines.id", index=True)
+    sku: str = Field(max_length=64)
+    quantity: int
+    unopened_declared: bool
+    exchange_sku: str | None = Field(default=None, max_length=64)
+    outcome: str = Field(max_length=20)
+    basis: str = Field(max_length=4)
+    clauses: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reason_text: str = Field(sa_column=Column(Text, nullable=False))
+    refund_cents: int = 0
+    restocking_fee_cents: int = 0
+    received_unopened: int | None = None
+    received_opened: int | None = None
+    received_damaged: int | None = None
+    received_missing: int | None = None
+    settled_refund_cents: int | None = None
+    settled_fee_cents: int | None = None
+    replacement_units: int | None = None
+    settlement_note: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Transition(SQLModel, table=True):
+    """Append-only audit log: every state change, who made it, and the facts it used."""
+
+    __tablename__ = "transitions"
+    id: int | None = Field(default=None, primary_key=True)
+    return_id: int = Field(foreign_key="returns.id", index=True)
+    from_state: str | None = Field(default=None, max_length=20)
+    to_state: str = Field(max_length=20)
+    at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    actor: str = Field(max_length=80)
+    flow_run_id: str | None = Field(default=None, max_length=64)
+    facts: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Refund(SQLModel, table=True):
+    """One refund per return, keyed `refund:<RMA>`; its allocations say which payment got what (R10)."""
+
+    __tablename__ = "refunds"
+    id: int | None = Field(default=None, primary_key=True)
+    return_id: int = Field(foreign_key="returns.id", unique=True)
+    idempotency_key: str = Field(unique=True, max_length=64)
+    amount_cents: int
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class RefundAllocation(SQLModel, table=True):
+    __tablename__ = "refund_allocations"
+    __table_args__ = (UniqueConstraint("refund_id", "payment_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    refund_id: int = Field(foreign_key="refunds.id", index=True)
+    payment_id: int = Field(foreign_key="payments.id", index=True)
+    amount_cents: int
+    gateway_reference: str = Field(max_length=80)
+
+
+class GatewaySettlement(SQLModel, table=True):
+    """The ledger gateway's own book: what it paid out, once per idempotency key."""
+
+    __tablename__ = "gateway_settlements"
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True, max_length=96)
+    payment_id: int = Field(foreign_key="payments.id", index=True)
+    amount_cents: int
+    settled_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class OutboxMessage(SQLModel, table=True):
+    """Transactional outbox: written with the state change that causes it; the relay delivers it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "status", "next_attempt_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=128)  # "<return id>:<kind>" - one message per (return, kind)
+    return_id: int | None = Field(default=None, foreign_key="returns.id", index=True)
+    kind: str = Field(max_length=40)
+    recipient: str = Field(max_length=254)
+    context: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    message_id: str = Field(max_length=200)
+    status: str = Field(default="pending", max_length=10)  # pending | sent | failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    sent_at: datetime | None = ts()
