@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -196,9 +196,16 @@ class Decision:
         return tuple(ln for ln in self.lines if ln.outcome is Outcome.AUTHORIZED)
 
     @property
+    def covered_lines(self) -> tuple[LineDecision, ...]:
+        """The lines an RMA covers: authorized ones, plus those under review while the request is."""
+        if self.outcome is Outcome.REVIEW:
+            return tuple(ln for ln in self.lines if ln.outcome is not Outcome.DECLINED)
+        return self.authorized_lines
+
+    @property
     def refund_total(self) -> Decimal:
-        """R14: the RMA covers only authorized lines (or all lines once an operator authorizes a review)."""
-        counted = self.lines if self.outcome is Outcome.REVIEW else self.authorized_lines
+        """R14: the RMA covers the authorized lines (and, on review, the lines an operator may authorize)."""
+        counted = self.covered_lines
         return sum((ln.refund for ln in counted), Decimal("0.00"))
 
     @property
@@ -267,11 +274,14 @@ def _decide_damage(
     policy: Policy, order: OrderFacts, req: RequestedLine, line: LineFacts, resolution: Resolution, now: datetime
 ) -> LineDecision:
     """P5 / R6 / R15: damage and shipping errors, reported within 48 hours of delivery."""
+    price, tax = line_amounts(line.unit_price, line.unit_tax, req.quantity)
+    refund = price + tax if resolution is Resolution.REFUND else Decimal("0.00")
     if order.delivered_at is None:
         return _line(
             req, Outcome.REVIEW, Basis.DAMAGE, ("P5", "R15"),
             "The order has no recorded delivery time, so the 48-hour window cannot be checked; "
             "Customer Care will review the claim.",
+            refund=refund,
         )
     if now - order.delivered_at > timedelta(hours=policy.damage_report_hours):
         return _line(
@@ -280,12 +290,11 @@ def _decide_damage(
             "delivery. A standard return (P3/P4) can still be requested for this item.",
         )
     if resolution is Resolution.REFUND:
-        price, tax = line_amounts(line.unit_price, line.unit_tax, req.quantity)
         return _line(
             req, Outcome.AUTHORIZED, Basis.DAMAGE, ("P5", "R6"),
             "Reported within 48 hours of delivery: full refund of price and tax, no restocking fee, "
             "return postage paid by the shop.",
-            refund=price + tax,
+            refund=refund,
         )
     return _line(
         req, Outcome.AUTHORIZED, Basis.DAMAGE, ("P5", "R6"),
@@ -355,11 +364,15 @@ def _decide_standard(
             "full refund of the price and tax paid.",
             refund=price + tax,
         )
+    fee = restocking_fee(policy, price)
     if line.expires_on is None:
+        # The amounts are what the line earns if an operator confirms the expiry (R2).
         return _line(
             req, Outcome.REVIEW, Basis.LATE_RETURN, ("P4", "R2"),
             f"Purchased {days} days ago and no expiration date is recorded for this lot; "
             "Customer Care will check it.",
+            refund=price + tax - fee,
+            fee=fee,
         )
     needed = add_years(request_day, policy.late_return_min_shelf_life_years)
     if line.expires_on < needed:
@@ -368,7 +381,6 @@ def _decide_standard(
             f"Purchased {days} days ago: a return after {policy.full_refund_days} days needs an expiration date "
             f"on or after {needed.isoformat()}; this lot expires {line.expires_on.isoformat()}.",
         )
-    fee = restocking_fee(policy, price)
     return _line(
         req, Outcome.AUTHORIZED, Basis.LATE_RETURN, ("P4", "R2", "R4"),
         f"Purchased {days} days ago with an expiration date of {line.expires_on.isoformat()}: refund of the price "
@@ -566,14 +578,20 @@ class Settlement:
 
 
 def settle_line(
-    policy: Policy, line: AuthorizedLine, counts: ReceivedCounts, resolution: Resolution
+    policy: Policy, line: AuthorizedLine, counts: ReceivedCounts, resolution: Resolution, approved: bool = False
 ) -> LineSettlement:
-    """R12 / R6 / R7 / R15: what the received units earn, or whether an operator must look."""
+    """R12 / R6 / R7 / R15: what the received units earn, or whether an operator must look.
+
+    `approved` is an operator's authorize after a receipt-time review: the units that sent it to review
+    (damaged in transit back, an opened exchange item) are then settled as if they had arrived sound.
+    """
     if counts.total != line.quantity:
         raise InvalidInput(
             f"sku {line.sku}: {counts.total} units counted at receipt, {line.quantity} on the RMA"
         )
     if line.basis in (Basis.FULL_REFUND, Basis.LATE_RETURN):
+        if counts.damaged and approved:
+            counts = ReceivedCounts(counts.unopened + counts.damaged, counts.opened, 0, counts.missing)
         if counts.damaged:
             return LineSettlement(
                 line.sku, Decimal("0.00"), Decimal("0.00"), 0, 0, True, ("R12",),
@@ -601,6 +619,8 @@ def settle_line(
             f"{arrived} replacement unit(s) shipped.",
         )
     if line.basis is Basis.EXCHANGE:
+        if (counts.opened or counts.damaged) and approved:
+            counts = ReceivedCounts(counts.unopened + counts.opened + counts.damaged, 0, 0, counts.missing)
         if counts.opened or counts.damaged:
             return LineSettlement(
                 line.sku, Decimal("0.00"), Decimal("0.00"), 0, 0, True, ("P6", "R7"),
@@ -616,7 +636,11 @@ def settle_line(
 
 
 def settle(
-    policy: Policy, lines: tuple[AuthorizedLine, ...], counts: dict[str, ReceivedCounts], resolution: Resolution
+    policy: Policy,
+    lines: tuple[AuthorizedLine, ...],
+    counts: dict[str, ReceivedCounts],
+    resolution: Resolution,
+    approved: bool = False,
 ) -> Settlement:
     """The whole return's settlement at receipt."""
     missing = {ln.sku for ln in lines} - set(counts)
@@ -625,12 +649,7 @@ def settle(
     extra = set(counts) - {ln.sku for ln in lines}
     if extra:
         raise InvalidInput(f"receipt counts sku(s) not on the RMA: {', '.join(sorted(extra))}")
-    return Settlement(tuple(settle_line(policy, ln, counts[ln.sku], resolution) for ln in lines))
-
-
-def approve_review(settlement: Settlement) -> Settlement:
-    """An operator's authorize on a receipt-time review: settle what was flagged as nothing more (no refund)."""
-    return Settlement(tuple(replace(ln, review=False) for ln in settlement.lines))
+    return Settlement(tuple(settle_line(policy, ln, counts[ln.sku], resolution, approved) for ln in lines))
 
 
 # ---- refunds to payments (R10) ---------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""The JSON contract (README): strict input models; unknown keys, wrong types and naive times are refused."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+# Printable text only: no control characters (they end up in PDFs, emails and logs).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+Key = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Text = Annotated[str, StringConstraints(max_length=200, pattern=_PRINTABLE)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
+Email = Annotated[str, StringConstraints(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f\x7f<>,;]+@[^@\s\x00-\x1f\x7f<>,;]+$")]
+Money = Annotated[str, StringConstraints(max_length=16, pattern=r"^\d{1,7}(\.\d{1,2})?$")]
+Quantity = Annotated[int, Field(gt=0, le=10_000)]
+Count = Annotated[int, Field(ge=0, le=10_000)]
+
+
+class Strict(BaseModel):
+    """Validate with `parse()`: strict JSON mode accepts ISO strings for dates but no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+M = TypeVar("M", bound=Strict)
+
+
+class ProductIn(Strict):
+    sku: Key
+    name: Name
+    kind: Literal["skincare", "tshirt", "trial_kit", "sample", "other"]
+    size: Literal["retail", "travel", "professional"]
+    final_sale: bool = False
+    price: Money | None = None
+
+
+class AddressIn(Strict):
+    line1: Name
+    line2: Text = ""
+    city: Name
+    region: Text = ""
+    postal_code: Annotated[str, StringConstraints(min_length=1, max_length=20, pattern=_PRINTABLE)]
+    country: Annotated[str, StringConstraints(min_length=2, max_length=2, pattern=r"^[A-Z]{2}$")]
+
+
+class CustomerIn(Strict):
+    account: Key
+    name: Name
+    email: Email
+    address: AddressIn
+
+
+class OrderLineIn(Strict):
+    sku: Key
+    quantity: Quantity
+    unit_price: Money
+    unit_tax: Money
+    expires_on: date | None = None
+
+
+class PaymentIn(Strict):
+    method: Literal["amex", "visa", "mastercard", "discover", "paypal", "apple_pay", "afterpay"]
+    amount: Money
+    last4: Annotated[str, StringConstraints(pattern=r"^\d{4}$")] | None = None
+    captured_at: AwareDatetime
+
+
+class OrderIn(Strict):
+    number: Key
+    account: Key
+    channel: Literal["direct", "partner"]
+    placed_at: AwareDatetime
+    delivered_at: AwareDatetime | None = None
+    lines: Annotated[list[OrderLineIn], Field(min_length=1, max_length=200)]
+    payments: Annotated[list[PaymentIn], Field(max_length=20)] = []
+
+
+class ImportIn(Strict):
+    products: Annotated[list[ProductIn], Field(max_length=10_000)] = []
+    customers: Annotated[list[CustomerIn], Field(max_length=10_000)] = []
+    orders: Annotated[list[OrderIn], Field(max_length=10_000)] = []
+
+
+class RequestLineIn(Strict):
+    sku: Key
+    quantity: Quantity
+    unopened: bool = True
+    exchange_sku: Key | None = None
+
+
+class ReturnRequestIn(Strict):
+    """What a storefront sends to ask for a return (also the request deployment's parameter schema)."""
+
+    order_number: Key
+    email: Email
+    reason: Literal["unwanted", "damaged", "shipping_error", "wrong_product"]
+    resolution: Literal["refund", "replacement", "exchange"] | None = None
+    lines: Annotated[list[RequestLineIn], Field(min_length=1, max_length=50)]
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = None
+
+
+class ReceiptLineIn(Strict):
+    sku: Key
+    unopened: Count = 0
+    opened: Count = 0
+    damaged: Count = 0
+    missing: Count = 0
+
+
+class ReceiptIn(Strict):
+    """What the dock at Lantana records for a parcel (also the receipt deployment's parameter schema)."""
+
+    rma: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    received_at: AwareDatetime
+    lines: Annotated[list[ReceiptLineIn], Field(min_length=1, max_length=50)]
+    by: Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._ -]+$")] = "dock"
+
+
+def explain(exc: ValidationError) -> str:
+    """One line naming the first offending field, without echoing the (possibly huge or hostile) value."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in err["loc"]) or "input"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "field required"
+    elif err["type"] == "timezone_aware":
+        msg = "time needs a UTC offset, e.g. 2026-11-26T10:00:00-05:00"
+    elif err["type"] == "string_pattern_mismatch":
+        msg = "has characters that are not allowed"
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def parse(model: type[M], data: str | bytes | object) -> M:
+    """Validate JSON text, or a JSON-shaped Python value, strictly; raises ValidationError."""
+    if not isinstance(data, (str, bytes)):
+        data = json.dumps(data)
+    return model.model_validate_json(data, strict=True)

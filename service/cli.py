@@ -1,0 +1,217 @@
+"""The `returns` command line: JSON in, JSON out; errors are one line on stderr and change nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
+from models.rma import parse_rma
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
+
+MAX_INPUT_BYTES = 20 * 1024 * 1024
+EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TRANSIENT, EXIT_INTERNAL = 2, 3, 75, 70
+
+
+def _read(source: str) -> str:
+    """The JSON text of FILE or - (stdin), bounded in size."""
+    if source == "-":
+        data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    else:
+        try:
+            with open(source, "rb") as fh:
+                data = fh.read(MAX_INPUT_BYTES + 1)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {source}: {exc.strerror}") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise InvalidInput(f"input is larger than {MAX_INPUT_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = data.decode("utf-8")
+        json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInput(f"input is not valid JSON: {str(exc).splitlines()[0][:120]}") from None
+    return text
+
+
+def _time(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{name} is not an ISO 8601 time: {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"{name} needs a UTC offset, e.g. 2026-11-26T10:00:00-05:00")
+    return moment
+
+
+def _print(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="returns", description="The returns pipeline (JSON in, JSON out).")
+    p.add_argument("--now", help="decide as of this ISO time with offset (replays and tests); default: the clock")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+    for name, hlp in (("import", "load products, customers and orders (idempotent by key)"),
+                      ("quote", "decide a return request; writes nothing"),
+                      ("request", "decide and store a request; authorized ones get an RMA"),
+                      ("receive", "log a parcel at Lantana with per-unit condition")):
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("file", help="a JSON file, or - for standard input")
+    sp = sub.add_parser("process", help="refund (or ship the replacement) and complete a received return")
+    sp.add_argument("rma")
+    sp = sub.add_parser("sweep", help="expire stale RMAs, escalate due-soon/overdue returns, re-drive stuck ones")
+    sp.add_argument("--as-of", help="ISO time with offset; default: now")
+    sp = sub.add_parser("show", help="state, timeline, amounts and deadline of a return")
+    sp.add_argument("rma")
+    sp = sub.add_parser("review", help="an operator settles a return in review")
+    sp.add_argument("rma")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--authorize", action="store_true")
+    g.add_argument("--decline", action="store_true")
+    sp.add_argument("--note", required=True)
+    sp.add_argument("--by", required=True)
+    sp = sub.add_parser("cancel", help="withdraw an authorized return")
+    sp.add_argument("rma")
+    sp.add_argument("--note", required=True)
+    sp.add_argument("--by", required=True)
+    sub.add_parser("relay", help="send the pending emails in the outbox")
+    sp = sub.add_parser("demo", help="run the sample returns through their whole life")
+    sp.add_argument("--exit-when-done", action="store_true", help="exit after the sample instead of serving")
+    return p
+
+
+def _operator(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 40 or not all(ch.isalnum() or ch in "._ -" for ch in name):
+        raise InvalidInput("--by takes an operator name of letters, digits, '.', '_', '-' or spaces (max 40)")
+    return name
+
+
+def _note(text: str) -> str:
+    if len(text) > 1000 or any(ord(ch) < 32 for ch in text):
+        raise InvalidInput("--note must be at most 1000 printable characters")
+    return text
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from service.returns import Actor
+    from service.steps import Pipeline, utcnow
+
+    now = _time(args.now, "--now") or utcnow()
+    if args.cmd == "demo":
+        from service.demo import run_demo
+
+        return run_demo(exit_when_done=args.exit_when_done)
+    pipeline = Pipeline.from_env()
+    if args.cmd == "db":
+        from service.db import upgrade
+
+        upgrade(pipeline.settings.database_url)
+        _print({"upgraded": True})
+        return 0
+    ensure_schema(pipeline)
+    relay_after = False
+    actions: dict[str, Callable[[], Any]] = {
+        "import": lambda: pipeline.import_data(parse(ImportIn, _read(args.file))),
+        "quote": lambda: pipeline.quote(parse(ReturnRequestIn, _read(args.file)), now),
+        "show": lambda: pipeline.show(parse_rma(args.rma), now),
+        "relay": lambda: pipeline.relay(now),
+    }
+    if args.cmd in actions:
+        _print(actions[args.cmd]())
+        return 0
+    relay_after = True
+    if args.cmd == "request":
+        req = parse(ReturnRequestIn, _read(args.file))
+        out = pipeline.request(req, now, Actor("api"))
+        if out.get("rma_number") and out["state"] == "authorized":
+            pipeline.render_label(out["rma_number"])
+    elif args.cmd == "receive":
+        out = pipeline.receive(parse(ReceiptIn, _read(args.file)), now)
+    elif args.cmd == "process":
+        rma = parse_rma(args.rma)
+        out = pipeline.process(rma, now, Actor("cli"))
+        if out is None:
+            raise InvalidInput(f"{rma} is not waiting to be processed (see `returns show {rma}`)")
+    elif args.cmd == "sweep":
+        as_of = _time(args.as_of, "--as-of") or now
+        out = {"as_of": as_of.isoformat()} | pipeline.sweep(as_of)
+        out["board"] = pipeline.board(as_of)
+    elif args.cmd == "review":
+        out = pipeline.review(parse_rma(args.rma), args.authorize, _note(args.note), _operator(args.by), now)
+        if out["state"] == "authorized":
+            pipeline.render_label(out["rma_number"])
+        elif out["state"] == "processing":
+            out = pipeline.process(out["rma_number"], now, Actor(f"operator:{args.by}")) or out
+    elif args.cmd == "cancel":
+        out = pipeline.cancel(parse_rma(args.rma), _note(args.note), _operator(args.by), now)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise InvalidInput(f"unknown command {args.cmd}")
+    if relay_after:
+        out = dict(out) | {"emails": pipeline.relay(now)}
+    _print(out)
+    return 0
+
+
+def ensure_schema(pipeline: Any) -> None:
+    """Apply migrations on first use of a fresh database, so the embedded default needs no set-up step."""
+    from sqlalchemy import inspect
+
+    if not inspect(pipeline.engine).has_table("alembic_version"):
+        from service.db import upgrade
+
+        upgrade(pipeline.settings.database_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: exit 0 on success, 2 bad input, 3 not found, 75 try again, 70 internal error."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        return _fail(f"invalid input: {explain(exc)}", EXIT_INPUT)
+    except NotFound as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND)
+    except TransientError as exc:
+        return _fail(f"temporarily unavailable, try again: {exc}", EXIT_TRANSIENT)
+    except ReturnsError as exc:
+        return _fail(str(exc), EXIT_INPUT)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
+        _log_internal(exc)
+        return _fail(f"internal error ({type(exc).__name__}); details in the log under RETURNS_HOME", EXIT_INTERNAL)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"returns: error: {message}\n")
+    return code
+
+
+def _log_internal(exc: BaseException) -> None:
+    import traceback
+
+    try:
+        from service.config import settings
+
+        log = Path(settings().home) / "logs" / "errors.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {datetime.now().isoformat()}\n{''.join(traceback.format_exception(exc))}\n")
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

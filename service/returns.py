@@ -1,0 +1,670 @@
+"""Units of work for every stage of a return. Each takes a session and never commits (the caller does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlmodel import Session
+
+from models import policy as pol
+from models.errors import InvalidInput, NotFound, StaleState
+from models.money import from_cents, parse_amount, to_cents
+from models.policy import Outcome, Policy
+from models.rma import new_rma, parse_rma
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
+from models.states import TERMINAL, State, check_transition
+from models.tables import (
+    Customer,
+    Order,
+    OrderLine,
+    OutboxMessage,
+    Payment,
+    Product,
+    Refund,
+    RefundAllocation,
+    Return,
+    ReturnLine,
+    Transition,
+)
+from service.config import Settings
+from service.outbox import enqueue
+
+# States whose lines still hold units of the order line (R11): open returns and completed ones.
+HOLDS_UNITS = frozenset({State.REQUESTED, State.REVIEW, State.AUTHORIZED, State.RECEIVED,
+                         State.PROCESSING, State.COMPLETED})
+SAME_ANSWER_FOR_R13 = "no order matches that order number and email address"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change: `api`, `operator:<name>`, `sweep`; and the Prefect flow run, if any."""
+
+    name: str
+    flow_run_id: str | None = None
+
+
+# ---- import ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    products: int = 0
+    customers: int = 0
+    orders_added: int = 0
+    orders_updated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def import_data(session: Session, data: ImportIn) -> ImportReport:
+    """Upsert products and customers by key; add orders by number (an existing order only gains a delivery time)."""
+    report = ImportReport()
+    for p in data.products:
+        price = to_cents(parse_amount(p.price, "price")) if p.price is not None else None
+        session.merge(Product(sku=p.sku, name=p.name, kind=p.kind, size=p.size, final_sale=p.final_sale,
+                              price_cents=price))
+        report.products += 1
+    for c in data.customers:
+        a = c.address
+        session.merge(Customer(account=c.account, name=c.name, email=c.email, line1=a.line1, line2=a.line2,
+                               city=a.city, region=a.region, postal_code=a.postal_code, country=a.country))
+        report.customers += 1
+    session.flush()
+    for o in data.orders:
+        if session.get(Customer, o.account) is None:
+            raise InvalidInput(f"order {o.number}: unknown account {o.account}")
+        existing = session.get(Order, o.number)
+        if existing is not None:
+            if existing.account != o.account:
+                raise InvalidInput(f"order {o.number} already exists for another account")
+            if o.delivered_at is not None and existing.delivered_at != o.delivered_at:
+                existing.delivered_at = o.delivered_at
+                report.orders_updated += 1
+            continue
+        skus = [ln.sku for ln in o.lines]
+        if len(set(skus)) != len(skus):
+            raise InvalidInput(f"order {o.number}: a sku appears on two lines; merge them")
+        session.add(Order(number=o.number, account=o.account, channel=o.channel, placed_at=o.placed_at,
+                          delivered_at=o.delivered_at))
+        for ln in o.lines:
+            if session.get(Product, ln.sku) is None:
+                raise InvalidInput(f"order {o.number}: unknown sku {ln.sku}")
+            session.add(OrderLine(order_number=o.number, sku=ln.sku, quantity=ln.quantity,
+                                  unit_price_cents=to_cents(parse_amount(ln.unit_price, "unit_price")),
+                                  unit_tax_cents=to_cents(parse_amount(ln.unit_tax, "unit_tax")),
+                                  expires_on=ln.expires_on))
+        for seq, pay in enumerate(o.payments, start=1):
+            session.add(Payment(order_number=o.number, seq=seq, method=pay.method,
+                                amount_cents=to_cents(parse_amount(pay.amount, "amount")), last4=pay.last4,
+                                captured_at=pay.captured_at))
+        report.orders_added += 1
+        session.flush()
+    return report
+
+
+# ---- facts -----------------------------------------------------------------------------------------------
+
+
+def _order_for_request(session: Session, req: ReturnRequestIn) -> tuple[Order, Customer]:
+    """R13: the order exists and the email is its account's main contact; both failures answer alike."""
+    order = session.get(Order, req.order_number)
+    customer = session.get(Customer, order.account) if order is not None else None
+    if order is None or customer is None or customer.email.casefold() != req.email.casefold():
+        raise NotFound(SAME_ANSWER_FOR_R13)
+    return order, customer
+
+
+def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
+    """Units of each order line already on open or completed returns (R11)."""
+    if not order_line_ids:
+        return {}
+    rows = session.execute(
+        select(ReturnLine.order_line_id, func.sum(ReturnLine.quantity))
+        .join(Return, Return.id == ReturnLine.return_id)
+        .where(ReturnLine.order_line_id.in_(order_line_ids))  # type: ignore[attr-defined]
+        .where(Return.state.in_([str(s) for s in HOLDS_UNITS]))  # type: ignore[attr-defined]
+        .where(ReturnLine.outcome != str(Outcome.DECLINED))
+        .group_by(ReturnLine.order_line_id)
+    ).all()
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+def _facts(session: Session, order: Order) -> tuple[pol.OrderFacts, dict[str, pol.LineFacts], dict[str, OrderLine]]:
+    lines = list(session.scalars(select(OrderLine).where(OrderLine.order_number == order.number)))
+    held = units_held(session, [ln.id for ln in lines if ln.id is not None])
+    products = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_([ln.sku for ln in lines])))}  # type: ignore[attr-defined]
+    facts = {
+        ln.sku: pol.LineFacts(
+            sku=ln.sku, product_name=products[ln.sku].name, kind=products[ln.sku].kind, size=products[ln.sku].size,
+            final_sale=products[ln.sku].final_sale, quantity_shipped=ln.quantity,
+            quantity_available=ln.quantity - held.get(ln.id or 0, 0), unit_price=from_cents(ln.unit_price_cents),
+            unit_tax=from_cents(ln.unit_tax_cents), expires_on=ln.expires_on,
+        )
+        for ln in lines
+    }
+    order_facts = pol.OrderFacts(order.number, order.channel, order.placed_at, order.delivered_at)
+    return order_facts, facts, {ln.sku: ln for ln in lines}
+
+
+def _to_request(req: ReturnRequestIn) -> pol.ReturnRequest:
+    reason = pol.Reason(req.reason)
+    resolution = pol.Resolution(req.resolution) if req.resolution else pol.DEFAULT_RESOLUTION[reason]
+    return pol.ReturnRequest(
+        reason=reason, resolution=resolution,
+        lines=tuple(pol.RequestedLine(ln.sku, ln.quantity, ln.unopened, ln.exchange_sku) for ln in req.lines),
+    )
+
+
+def quote(session: Session, req: ReturnRequestIn, now: datetime, policy: Policy) -> pol.Decision:
+    """Decide a request from stored facts without writing anything."""
+    order, _ = _order_for_request(session, req)
+    order_facts, facts, _ = _facts(session, order)
+    request = _to_request(req)
+    wanted = {ln.sku for ln in request.lines} | {ln.exchange_sku for ln in request.lines if ln.exchange_sku}
+    known = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_(wanted)))}  # type: ignore[attr-defined]
+    pol.validate_request(request, facts, frozenset(known))
+    prices = {sku: from_cents(p.price_cents) if p.price_cents is not None else None for sku, p in known.items()}
+    return pol.decide(policy, order_facts, facts, request, now, prices)
+
+
+# ---- transitions -----------------------------------------------------------------------------------------
+
+
+def transition(
+    session: Session, ret: Return, target: State, now: datetime, actor: Actor,
+    facts: dict[str, Any] | None = None, **values: Any,
+) -> None:
+    """Compare-and-set the state (plus `values`) and append the audit row, in the caller's transaction."""
+    current = State(ret.state)
+    check_transition(current, target)
+    result = session.execute(
+        update(Return).where(Return.id == ret.id, Return.state == str(current))  # type: ignore[arg-type]
+        .values(state=str(target), updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleState(f"return {ret.rma or ret.id} is no longer '{current}'")
+    session.add(Transition(return_id=ret.id, from_state=str(current), to_state=str(target), at=now,
+                           actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {}))
+    session.flush()
+    session.refresh(ret)
+
+
+def load_return(session: Session, rma_text: str, *, for_update: bool = False) -> Return:
+    """The return with this RMA; InvalidInput for a mistyped number, NotFound for an unknown one."""
+    rma = parse_rma(rma_text)
+    stmt = select(Return).where(Return.rma == rma)
+    if for_update and session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    ret = session.scalars(stmt).first()
+    if ret is None:
+        raise NotFound(f"no return has RMA {rma}")
+    return ret
+
+
+def _unique_rma(session: Session) -> str:
+    for _ in range(20):
+        rma = new_rma()
+        if session.scalars(select(Return.id).where(Return.rma == rma)).first() is None:
+            return rma
+    raise RuntimeError("could not draw an unused RMA number")  # pragma: no cover - 32^6 numbers
+
+
+# ---- emails (the outbox rows a transition requires) ------------------------------------------------------
+
+
+def _names(session: Session, skus: set[str]) -> dict[str, str]:
+    return {p.sku: p.name for p in session.scalars(select(Product).where(Product.sku.in_(skus)))}  # type: ignore[attr-defined]
+
+
+def _customer(session: Session, ret: Return) -> Customer:
+    order = session.get(Order, ret.order_number)
+    assert order is not None
+    customer = session.get(Customer, order.account)
+    assert customer is not None
+    return customer
+
+
+def _lines(session: Session, ret: Return) -> list[ReturnLine]:
+    return list(session.scalars(select(ReturnLine).where(ReturnLine.return_id == ret.id).order_by(ReturnLine.id)))
+
+
+def _email(session: Session, ret: Return, kind: str, context: dict[str, Any], now: datetime, settings: Settings,
+           *, to_care: bool = False) -> None:
+    customer = _customer(session, ret)
+    base = {"rma": ret.rma, "order_number": ret.order_number, "return_id": ret.id}
+    if not to_care:
+        base |= {"customer_name": customer.name, "account": customer.account}
+    enqueue(session, key=f"{ret.id}:{kind}", kind=kind, recipient=settings.care_address if to_care else customer.email,
+            context=base | context, return_id=ret.id, now=now, domain=settings.shop.message_id_domain)
+
+
+def label_file(rma: str) -> str:
+    """Where an RMA's label lives, relative to RETURNS_HOME."""
+    return f"labels/{rma}.pdf"
+
+
+def _issue_context(session: Session, ret: Return, policy: Policy) -> dict[str, Any]:
+    lines = _lines(session, ret)
+    names = _names(session, {ln.sku for ln in lines})
+    assert ret.rma is not None and ret.rma_expires_at is not None
+    return {
+        "lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity,
+                   "refund": str(from_cents(ln.refund_cents)), "restocking_fee": str(from_cents(ln.restocking_fee_cents)),
+                   "basis": ln.basis, "clauses": ln.clauses}
+                  for ln in lines if ln.outcome != str(Outcome.DECLINED)],
+        "declined_lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity, "reason": ln.reason_text,
+                            "clauses": ln.clauses} for ln in lines if ln.outcome == str(Outcome.DECLINED)],
+        "refund_total": str(from_cents(ret.refund_total_cents)),
+        "valid_until": policy.local_date(ret.rma_expires_at).isoformat(),
+        "prepaid": ret.reason in (pol.Reason.DAMAGED, pol.Reason.SHIPPING_ERROR),
+        "reason": ret.reason,
+        "resolution": ret.resolution,
+        "label_file": label_file(ret.rma),
+    }
+
+
+def _authorize(session: Session, ret: Return, now: datetime, actor: Actor, policy: Policy, settings: Settings,
+               facts: dict[str, Any]) -> None:
+    rma = ret.rma or _unique_rma(session)
+    transition(session, ret, State.AUTHORIZED, now, actor, facts, rma=rma, rma_issued_at=now,
+               rma_expires_at=policy.rma_valid_until(now))
+    _email(session, ret, "rma_issued", _issue_context(session, ret, policy), now, settings)
+
+
+def _decline(session: Session, ret: Return, now: datetime, actor: Actor, settings: Settings, facts: dict[str, Any],
+             summary: str) -> None:
+    transition(session, ret, State.DECLINED, now, actor, facts)
+    lines = _lines(session, ret)
+    names = _names(session, {ln.sku for ln in lines})
+    _email(session, ret, "declined", {
+        "lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity, "reason": ln.reason_text,
+                   "clauses": ln.clauses} for ln in lines],
+        "summary": summary,
+    }, now, settings)
+
+
+def _review(session: Session, ret: Return, now: datetime, actor: Actor, settings: Settings, facts: dict[str, Any],
+            reasons: list[str]) -> None:
+    transition(session, ret, State.REVIEW, now, actor, facts)
+    _email(session, ret, "review_needed", {"reasons": reasons}, now, settings, to_care=True)
+
+
+# ---- request ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    ret: Return
+    decision: dict[str, Any]
+    replayed: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rma_number": self.ret.rma, "state": self.ret.state, "return_id": self.ret.id,
+                "replayed": self.replayed} | self.decision
+
+
+def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor: Actor, policy: Policy,
+                   settings: Settings) -> RequestResult:
+    """Decide and store a request; authorized ones get an RMA; a repeated idempotency key returns the first."""
+    if req.idempotency_key:
+        prior = session.scalars(select(Return).where(Return.idempotency_key == req.idempotency_key)).first()
+        if prior is not None:
+            _order_for_request(session, req)  # the key does not let a stranger read someone else's return (R13)
+            return RequestResult(prior, prior.decision, replayed=True)
+    order, _ = _order_for_request(session, req)
+    decision = quote(session, req, now, policy)
+    _, _, order_lines = _facts(session, order)
+    ret = Return(order_number=order.number, idempotency_key=req.idempotency_key, reason=str(decision.reason),
+                 resolution=str(decision.resolution), state=str(State.REQUESTED), policy_version=decision.policy_version,
+                 decision=decision.as_dict(), refund_total_cents=to_cents(decision.refund_total), requested_at=now,
+                 updated_at=now)
+    if decision.outcome is Outcome.REVIEW:
+        ret.rma = _unique_rma(session)  # a reference for the operator; it is not issued until authorized
+    session.add(ret)
+    session.flush()
+    session.add(Transition(return_id=ret.id, from_state=None, to_state=str(State.REQUESTED), at=now, actor=actor.name,
+                           flow_run_id=actor.flow_run_id, facts={"request": req.model_dump(mode="json", exclude={"email"})}))
+    for ld in decision.lines:
+        session.add(ReturnLine(
+            return_id=ret.id, order_line_id=order_lines[ld.sku].id, sku=ld.sku, quantity=ld.quantity,
+            unopened_declared=next(r.unopened for r in req.lines if r.sku == ld.sku), exchange_sku=ld.exchange_sku,
+            outcome=str(ld.outcome), basis=str(ld.basis), clauses=list(ld.clauses), reason_text=ld.reason,
+            refund_cents=to_cents(ld.refund), restocking_fee_cents=to_cents(ld.restocking_fee)))
+    session.flush()
+    facts = {"decision": str(decision.outcome), "clauses": list(decision.clauses), "policy_version": policy.version}
+    if decision.outcome is Outcome.AUTHORIZED:
+        _authorize(session, ret, now, actor, policy, settings, facts)
+    elif decision.outcome is Outcome.DECLINED:
+        _decline(session, ret, now, actor, settings, facts, decision.summary)
+    else:
+        _review(session, ret, now, actor, settings, facts,
+                [f"{ln.sku}: {ln.reason}" for ln in decision.lines if ln.outcome is Outcome.REVIEW])
+    return RequestResult(ret, decision.as_dict())
+
+
+# ---- receipt ---------------------------------------------------------------------------------------------
+
+
+def _authorized_lines(lines: list[ReturnLine]) -> tuple[tuple[pol.AuthorizedLine, ...], dict[str, ReturnLine]]:
+    covered = [ln for ln in lines if ln.outcome != str(Outcome.DECLINED)]
+    return tuple(pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis), Decimal(0), Decimal(0),
+                                    from_cents(ln.refund_cents), ln.exchange_sku) for ln in covered), \
+        {ln.sku: ln for ln in covered}
+
+
+def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool = False) -> pol.Settlement:
+    """The settlement the stored receipt earns under the policy (R12), from stored facts only."""
+    lines = [ln for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)]
+    order_lines = {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == ret.order_number))}
+    authorized = tuple(
+        pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis), from_cents(order_lines[ln.order_line_id].unit_price_cents),
+                           from_cents(order_lines[ln.order_line_id].unit_tax_cents), from_cents(ln.refund_cents),
+                           ln.exchange_sku)
+        for ln in lines
+    )
+    counts = {ln.sku: pol.ReceivedCounts(ln.received_unopened or 0, ln.received_opened or 0,
+                                         ln.received_damaged or 0, ln.received_missing or 0) for ln in lines}
+    return pol.settle(policy, authorized, counts, pol.Resolution(ret.resolution), approved)
+
+
+def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy, settings: Settings) -> Return:
+    """Log a parcel at Lantana with per-unit condition; starts the 10-day clock (P8, R9); may send it to review."""
+    ret = load_return(session, receipt.rma, for_update=True)
+    if ret.state != State.AUTHORIZED:
+        raise InvalidInput(f"{ret.rma} is '{ret.state}', not awaiting a parcel")
+    if receipt.received_at > now + timedelta(minutes=5):
+        raise InvalidInput("received_at is in the future")
+    assert ret.rma_issued_at is not None
+    if receipt.received_at < ret.rma_issued_at:
+        raise InvalidInput("received_at is before the RMA was issued")
+    lines = {ln.sku: ln for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)}
+    seen: set[str] = set()
+    for rl in receipt.lines:
+        line = lines.get(rl.sku)
+        if line is None:
+            raise InvalidInput(f"sku {rl.sku} is not on {ret.rma}")
+        if rl.sku in seen:
+            raise InvalidInput(f"sku {rl.sku} is counted twice")
+        seen.add(rl.sku)
+        total = rl.unopened + rl.opened + rl.damaged + rl.missing
+        if total != line.quantity:
+            raise InvalidInput(f"sku {rl.sku}: {total} units counted, {line.quantity} on the RMA")
+        line.received_unopened, line.received_opened = rl.unopened, rl.opened
+        line.received_damaged, line.received_missing = rl.damaged, rl.missing
+    if seen != set(lines):
+        raise InvalidInput(f"receipt has no counts for sku(s) {', '.join(sorted(set(lines) - seen))}")
+    session.flush()
+    deadline = policy.processing_deadline(receipt.received_at)
+    actor = Actor(f"operator:{receipt.by}")
+    transition(session, ret, State.RECEIVED, now, actor,
+               {"counts": {rl.sku: rl.model_dump(exclude={"sku"}) for rl in receipt.lines}},
+               received_at=receipt.received_at, deadline_at=deadline)
+    names = _names(session, set(lines))
+    _email(session, ret, "received", {
+        "received_on": policy.local_date(receipt.received_at).isoformat(),
+        "process_by": policy.local_date(deadline).isoformat(),
+        "lines": [{"sku": rl.sku, "name": names[rl.sku], "unopened": rl.unopened, "opened": rl.opened,
+                   "damaged": rl.damaged, "missing": rl.missing} for rl in receipt.lines],
+    }, now, settings)
+    settlement = settlement_for(session, ret, policy)
+    if settlement.review:
+        _review(session, ret, now, actor, settings, {"settlement": [ln.as_dict() for ln in settlement.lines]},
+                [f"{ln.sku}: {ln.note}" for ln in settlement.lines if ln.review])
+    return ret
+
+
+# ---- processing ------------------------------------------------------------------------------------------
+
+
+def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Policy) -> Return | None:
+    """Take the return for processing under a lease: received -> processing, or an expired lease re-taken."""
+    ret = load_return(session, rma, for_update=True)
+    lease = now + timedelta(minutes=policy.processing_lease_minutes)
+    if ret.state == State.RECEIVED:
+        transition(session, ret, State.PROCESSING, now, actor, {"lease_until": lease.isoformat()}, claimed_until=lease)
+        return ret
+    if ret.state == State.PROCESSING and (ret.claimed_until is None or ret.claimed_until <= now):
+        result = session.execute(
+            update(Return).where(Return.id == ret.id, Return.state == str(State.PROCESSING),  # type: ignore[arg-type]
+                                 Return.claimed_until == ret.claimed_until)
+            .values(claimed_until=lease, updated_at=now).execution_options(synchronize_session=False))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        session.add(Transition(return_id=ret.id, from_state=str(State.PROCESSING), to_state=str(State.PROCESSING),
+                               at=now, actor=actor.name, flow_run_id=actor.flow_run_id,
+                               facts={"re_driven": True, "lease_until": lease.isoformat()}))
+        session.refresh(ret)
+        return ret
+    return None
+
+
+@dataclass(frozen=True)
+class PlannedRefund:
+    """What processing will pay: the settlement and its split over payments (R10), from stored facts."""
+
+    rma: str
+    settlement: pol.Settlement
+    allocations: tuple[pol.Allocation, ...]
+
+    def key(self, payment_id: int) -> str:
+        """The gateway key: the same on every retry of this return's refund to this payment."""
+        return f"refund:{self.rma}:{payment_id}"
+
+
+def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
+    """Compute the refund and its allocation; reads only."""
+    assert ret.rma is not None
+    approved = session.scalars(select(Transition.id).where(
+        Transition.return_id == ret.id, Transition.from_state == str(State.REVIEW),
+        Transition.to_state == str(State.PROCESSING))).first() is not None
+    settlement = settlement_for(session, ret, policy, approved=approved)
+    payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents), from_cents(p.refunded_cents),
+                                 p.captured_at)
+                for p in session.scalars(select(Payment).where(Payment.order_number == ret.order_number))]
+    return PlannedRefund(ret.rma, settlement, pol.allocate_refund(settlement.refund_total, payments))
+
+
+def complete(session: Session, ret: Return, plan: PlannedRefund, references: dict[int, str], now: datetime,
+             actor: Actor, settings: Settings) -> Return:
+    """Record the paid refund (or the replacement sent), complete the return and enqueue the email; once only."""
+    if session.scalars(select(Refund.id).where(Refund.return_id == ret.id)).first() is not None:
+        raise StaleState(f"{ret.rma} is already refunded")
+    total = to_cents(plan.settlement.refund_total)
+    refund = Refund(return_id=ret.id, idempotency_key=f"refund:{plan.rma}", amount_cents=total, created_at=now)
+    session.add(refund)
+    session.flush()
+    paid: list[dict[str, str | None]] = []
+    for alloc in plan.allocations:
+        cents = to_cents(alloc.amount)
+        session.add(RefundAllocation(refund_id=refund.id, payment_id=alloc.payment_id, amount_cents=cents,
+                                     gateway_reference=references[alloc.payment_id]))
+        result = session.execute(
+            update(Payment).where(Payment.id == alloc.payment_id,  # type: ignore[arg-type]
+                                  Payment.refunded_cents + cents <= Payment.amount_cents)
+            .values(refunded_cents=Payment.refunded_cents + cents).execution_options(synchronize_session=False))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise StaleState(f"payment {alloc.payment_id} has no room left for this refund")
+        pay = session.get(Payment, alloc.payment_id)
+        assert pay is not None
+        paid.append({"method": pay.method, "last4": pay.last4, "amount": str(alloc.amount)})
+    lines = {ln.sku: ln for ln in _lines(session, ret)}
+    order_lines = {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == ret.order_number))}
+    names = _names(session, set(lines))
+    rows = []
+    for st in plan.settlement.lines:
+        ln = lines[st.sku]
+        ln.settled_refund_cents, ln.settled_fee_cents = to_cents(st.refund), to_cents(st.restocking_fee)
+        ln.replacement_units, ln.settlement_note = st.replacement_units, st.note
+        ol = order_lines[ln.order_line_id]
+        rows.append({"sku": st.sku, "name": names[st.sku], "quantity": ln.quantity,
+                     "price": str(from_cents(ol.unit_price_cents * st.refunded_units)),
+                     "tax": str(from_cents(ol.unit_tax_cents * st.refunded_units)),
+                     "restocking_fee": str(st.restocking_fee), "refund": str(st.refund),
+                     "replacement_units": st.replacement_units, "note": st.note})
+    transition(session, ret, State.COMPLETED, now, actor,
+               {"refund": str(plan.settlement.refund_total), "settlement": [s.as_dict() for s in plan.settlement.lines],
+                "allocations": [{"payment_id": a.payment_id, "amount": str(a.amount)} for a in plan.allocations]},
+               completed_at=now, claimed_until=None, refund_total_cents=total)
+    _email(session, ret, "processed", {"lines": rows, "refund_total": str(plan.settlement.refund_total),
+                                        "payments": paid, "resolution": ret.resolution}, now, settings)
+    return ret
+
+
+# ---- operators -------------------------------------------------------------------------------------------
+
+
+def settle_review(session: Session, rma: str, authorize: bool, note: str, by: str, now: datetime, policy: Policy,
+                  settings: Settings) -> Return:
+    """An operator settles a return in review: before receipt it is authorized (RMA issued) or declined; after
+    receipt an authorize sends it to processing with the flagged units settled as sound."""
+    ret = load_return(session, rma, for_update=True)
+    if ret.state != State.REVIEW:
+        raise InvalidInput(f"{ret.rma} is '{ret.state}', not in review")
+    actor = Actor(f"operator:{by}")
+    facts = {"note": note, "authorize": authorize}
+    if not authorize:
+        _decline(session, ret, now, actor, settings, facts, f"Declined after review: {note}")
+    elif ret.received_at is None:
+        for ln in _lines(session, ret):
+            if ln.outcome == str(Outcome.REVIEW):
+                ln.outcome = str(Outcome.AUTHORIZED)
+        session.flush()
+        _authorize(session, ret, now, actor, policy, settings, facts)
+    else:
+        transition(session, ret, State.PROCESSING, now, actor, facts,
+                   claimed_until=now + timedelta(minutes=policy.processing_lease_minutes))
+    return ret
+
+
+def cancel(session: Session, rma: str, note: str, by: str, now: datetime) -> Return:
+    """Withdraw an authorized return (customer or operator); its units become returnable again (R11)."""
+    ret = load_return(session, rma, for_update=True)
+    if ret.state != State.AUTHORIZED:
+        raise InvalidInput(f"{ret.rma} is '{ret.state}'; only an authorized return awaiting its parcel can be cancelled")
+    transition(session, ret, State.CANCELLED, now, Actor(f"operator:{by}"), {"note": note})
+    return ret
+
+
+# ---- sweep (R8, R9, stuck work) --------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPlan:
+    expire: list[str] = field(default_factory=list)
+    due_soon: list[str] = field(default_factory=list)
+    overdue: list[str] = field(default_factory=list)
+    redrive: list[str] = field(default_factory=list)
+
+
+def _candidates(session: Session, stmt: Any, limit: int) -> list[str]:
+    stmt = stmt.order_by(Return.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return [r for r in session.scalars(stmt) if r is not None]
+
+
+def sweep_candidates(session: Session, as_of: datetime, policy: Policy, limit: int = 500) -> SweepPlan:
+    """RMAs that the sweep must act on at `as_of`, at most `limit` of each kind."""
+    open_clock = [str(State.RECEIVED), str(State.PROCESSING), str(State.REVIEW)]
+    due_soon_from = as_of + timedelta(hours=policy.escalate_before_hours)
+    stale = as_of - timedelta(minutes=policy.processing_lease_minutes)
+    return SweepPlan(
+        expire=_candidates(session, select(Return.rma).where(Return.state == str(State.AUTHORIZED),
+                                                             Return.rma_expires_at <= as_of), limit),  # type: ignore[operator]
+        due_soon=_candidates(session, select(Return.rma).where(
+            Return.state.in_(open_clock), Return.deadline_at <= due_soon_from,  # type: ignore[attr-defined, operator]
+            Return.deadline_at > as_of, Return.due_soon_flagged_at.is_(None)), limit),  # type: ignore[union-attr, operator]
+        overdue=_candidates(session, select(Return.rma).where(
+            Return.state.in_(open_clock), Return.deadline_at <= as_of,  # type: ignore[attr-defined, operator]
+            Return.overdue_flagged_at.is_(None)), limit),  # type: ignore[union-attr]
+        redrive=_candidates(session, select(Return.rma).where(
+            ((Return.state == str(State.PROCESSING)) & (Return.claimed_until <= as_of))  # type: ignore[operator]
+            | ((Return.state == str(State.RECEIVED)) & (Return.updated_at <= stale))), limit),  # type: ignore[operator]
+    )
+
+
+def expire(session: Session, rma: str, as_of: datetime, policy: Policy, settings: Settings) -> bool:
+    """R8: an authorized RMA past its validity with no parcel expires; the customer is told."""
+    ret = load_return(session, rma, for_update=True)
+    if ret.state != State.AUTHORIZED or ret.rma_expires_at is None or ret.rma_expires_at > as_of:
+        return False
+    transition(session, ret, State.EXPIRED, as_of, Actor("sweep"), {"valid_until": ret.rma_expires_at.isoformat()})
+    _email(session, ret, "expired", {"valid_until": policy.local_date(ret.rma_expires_at).isoformat()}, as_of, settings)
+    return True
+
+
+def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, policy: Policy, settings: Settings) -> bool:
+    """R9: tell Customer Care once that a return is due soon, and once that it is overdue."""
+    ret = load_return(session, rma, for_update=True)
+    if ret.deadline_at is None or ret.state in {str(s) for s in TERMINAL}:
+        return False
+    if pol.deadline_flag(policy, ret.deadline_at, as_of) is not flag or flag is pol.Flag.ON_TIME:
+        return False
+    column = Return.due_soon_flagged_at if flag is pol.Flag.DUE_SOON else Return.overdue_flagged_at
+    result = session.execute(update(Return).where(Return.id == ret.id, column.is_(None))  # type: ignore[arg-type, union-attr]
+                             .values({column: as_of}).execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    assert ret.received_at is not None
+    _email(session, ret, str(flag), {"received_on": policy.local_date(ret.received_at).isoformat(),
+                                     "deadline": ret.deadline_at.isoformat(), "state": ret.state},
+           as_of, settings, to_care=True)
+    return True
+
+
+# ---- reads -----------------------------------------------------------------------------------------------
+
+
+def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict[str, Any]:
+    """Everything an operator needs about one return: state, timeline, lines, money, deadline, emails."""
+    ret = load_return(session, rma_text)
+    lines = _lines(session, ret)
+    timeline = session.scalars(select(Transition).where(Transition.return_id == ret.id).order_by(Transition.id))
+    refund = session.scalars(select(Refund).where(Refund.return_id == ret.id)).first()
+    payments: list[dict[str, Any]] = []
+    if refund is not None:
+        for alloc in session.scalars(select(RefundAllocation).where(RefundAllocation.refund_id == refund.id)):
+            pay = session.get(Payment, alloc.payment_id)
+            assert pay is not None
+            payments.append({"method": pay.method, "last4": pay.last4, "amount": str(from_cents(alloc.amount_cents)),
+                             "reference": alloc.gateway_reference})
+    flag = None
+    if ret.deadline_at is not None and ret.state not in {str(s) for s in TERMINAL}:
+        flag = str(pol.deadline_flag(policy, ret.deadline_at, now))
+    mail = session.scalars(select(OutboxMessage).where(OutboxMessage.return_id == ret.id).order_by(OutboxMessage.id))
+
+    def iso(t: datetime | None) -> str | None:
+        return t.isoformat() if t else None
+
+    return {
+        "rma_number": ret.rma, "order_number": ret.order_number, "state": ret.state, "reason": ret.reason,
+        "resolution": ret.resolution, "policy_version": ret.policy_version,
+        "clauses": ret.decision.get("clauses", []),
+        "requested_at": iso(ret.requested_at), "rma_valid_until": iso(ret.rma_expires_at),
+        "received_at": iso(ret.received_at), "deadline": iso(ret.deadline_at), "deadline_flag": flag,
+        "completed_at": iso(ret.completed_at),
+        "refund_total": str(from_cents(ret.refund_total_cents)),
+        "lines": [{"sku": ln.sku, "quantity": ln.quantity, "decision": ln.outcome, "basis": ln.basis,
+                   "clauses": ln.clauses, "reason": ln.reason_text, "refund": str(from_cents(ln.refund_cents)),
+                   "restocking_fee": str(from_cents(ln.restocking_fee_cents)),
+                   "received": None if ln.received_unopened is None else {
+                       "unopened": ln.received_unopened, "opened": ln.received_opened,
+                       "damaged": ln.received_damaged, "missing": ln.received_missing},
+                   "settled_refund": None if ln.settled_refund_cents is None else str(from_cents(ln.settled_refund_cents)),
+                   "replacement_units": ln.replacement_units, "note": ln.settlement_note} for ln in lines],
+        "payments_refunded": payments,
+        "timeline": [{"at": t.at.isoformat(), "from": t.from_state, "to": t.to_state, "actor": t.actor,
+                      "flow_run_id": t.flow_run_id} for t in timeline],
+        "emails": [{"kind": m.kind, "status": m.status, "attempts": m.attempts} for m in mail],
+    }
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    """How many returns are in each state (the sweep's board)."""
+    return {str(s): int(n) for s, n in session.execute(select(Return.state, func.count()).group_by(Return.state))}
