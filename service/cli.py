@@ -154,7 +154,7 @@ def run(argv: list[str]) -> int:
         if out["state"] == "authorized":
             pipeline.render_label(out["rma_number"])
         elif out["state"] == "processing":
-            out = pipeline.process(out["rma_number"], now, Actor(f"operator:{args.by}")) or out
+            out = pipeline.finish(out["rma_number"], now, Actor(f"operator:{args.by}"))
     elif args.cmd == "cancel":
         out = pipeline.cancel(parse_rma(args.rma), _note(args.note), _operator(args.by), now)
     else:  # pragma: no cover - argparse restricts the choices

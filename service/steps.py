@@ -121,6 +121,10 @@ class Pipeline:
         """claim -> plan -> pay -> complete; None if the return is not (or no longer) ours to process."""
         if not self.claim(rma, now, actor):
             return None
+        return self.finish(rma, now, actor)
+
+    def finish(self, rma: str, now: datetime, actor: Actor) -> dict[str, Any]:
+        """plan -> pay -> complete for a return already claimed (by `claim` or an operator's review)."""
         plan = self.plan_refund(rma)
         references = self.pay(plan)
         return self.complete(rma, plan, references, now, actor)
