@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("relay", help="send the pending emails in the outbox")
     sp = sub.add_parser("demo", help="run the sample returns through their whole life")
     sp.add_argument("--exit-when-done", action="store_true", help="exit after the sample instead of serving")
+    sp.add_argument("--in-process", action="store_true", help="drive the steps directly, without Prefect")
     return p
 
 
@@ -113,7 +114,7 @@ def run(argv: list[str]) -> int:
     if args.cmd == "demo":
         from service.demo import run_demo
 
-        return run_demo(exit_when_done=args.exit_when_done)
+        return run_demo(exit_when_done=args.exit_when_done, in_process=args.in_process)
     pipeline = Pipeline.from_env()
     if args.cmd == "db":
         from service.db import upgrade

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
+from service.returns import Actor
+from service.steps import utcnow
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
-# The replayed clock: the sample orders were placed in Aug-Nov 2026 and the requests arrive on T_REQUEST.
-T_REQUEST = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
-T_REVIEW = datetime.fromisoformat("2026-11-21T09:00:00-05:00")
-T_RECEIPT = datetime.fromisoformat("2026-11-24T11:00:00-05:00")
-T_SWEEP_DUE = datetime.fromisoformat("2026-12-03T09:00:00-05:00")
-T_SWEEP_LATE = datetime.fromisoformat("2026-12-21T09:00:00-05:00")
-T_LATE_REVIEW = datetime.fromisoformat("2026-12-21T10:00:00-05:00")
+# The sample orders were written for requests arriving at SAMPLE_NOW; the demo moves them to the real clock.
+SAMPLE_NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
+DUE_SOON_AFTER_RECEIPT = timedelta(days=8, hours=22)  # inside R9's 48 hours before the 10-day deadline
+EXPIRED_AFTER_REQUEST = timedelta(days=30, hours=23)  # past R8's 30-day validity
 
 # What the dock counts per order when the parcels arrive (per sku: unopened, opened, damaged, missing).
 RECEIPTS: dict[str, dict[str, tuple[int, int, int, int]]] = {
@@ -35,16 +35,33 @@ REVIEW_BEFORE_RECEIPT = "IS-1006"  # no expiry recorded (R2): the operator check
 REVIEW_AFTER_RECEIPT = "IS-1011"  # damaged in transit back (R12): settled only after the sweeps have escalated it
 
 
+def shifted_catalog(now: datetime) -> dict[str, Any]:
+    """The sample catalogue with every time moved so that its requests arrive at `now`."""
+    data = json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))
+    delta = now - SAMPLE_NOW
+    days = timedelta(days=round(delta / timedelta(days=1)))
+
+    def move(text: str | None) -> str | None:
+        return None if text is None else (datetime.fromisoformat(text) + delta).isoformat()
+
+    for order in data["orders"]:
+        order["placed_at"], order["delivered_at"] = move(order["placed_at"]), move(order["delivered_at"])
+        for pay in order["payments"]:
+            pay["captured_at"] = move(pay["captured_at"])
+        for line in order["lines"]:
+            if line.get("expires_on"):
+                line["expires_on"] = (date.fromisoformat(line["expires_on"]) + days).isoformat()
+    return data
+
+
 class Driver(Protocol):
     """How the demo reaches the pipeline: in-process steps, or Prefect deployments over the API."""
 
-    def import_data(self, data: ImportIn) -> dict[str, Any]: ...
-    def request(self, req: ReturnRequestIn, now: datetime) -> dict[str, Any]: ...
-    def review(self, rma: str, note: str, now: datetime) -> dict[str, Any]: ...
-    def receive(self, receipt: ReceiptIn, now: datetime) -> dict[str, Any]: ...
-    def sweep(self, as_of: datetime) -> dict[str, Any]: ...
-    def show(self, rma: str, now: datetime) -> dict[str, Any]: ...
-    def relay(self, now: datetime) -> dict[str, Any]: ...
+    def request(self, req: ReturnRequestIn) -> dict[str, Any]: ...
+    def review(self, rma: str, note: str) -> dict[str, Any]: ...
+    def receive(self, receipt: ReceiptIn) -> dict[str, Any]: ...
+    def sweep(self, as_of: datetime) -> None: ...
+    def relay(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -53,43 +70,32 @@ class InProcess:
 
     pipeline: Any
 
-    def import_data(self, data: ImportIn) -> dict[str, Any]:
-        return self.pipeline.import_data(data)
-
-    def request(self, req: ReturnRequestIn, now: datetime) -> dict[str, Any]:
-        from service.returns import Actor
-
-        out = self.pipeline.request(req, now, Actor("api"))
+    def request(self, req: ReturnRequestIn) -> dict[str, Any]:
+        out = self.pipeline.request(req, utcnow(), Actor("api"))
         if out["state"] == "authorized":
             self.pipeline.render_label(out["rma_number"])
         return out
 
-    def review(self, rma: str, note: str, now: datetime) -> dict[str, Any]:
-        from service.returns import Actor
-
-        out = self.pipeline.review(rma, True, note, "demo-operator", now)
+    def review(self, rma: str, note: str) -> dict[str, Any]:
+        out = self.pipeline.review(rma, True, note, "demo-operator", utcnow())
         if out["state"] == "authorized":
             self.pipeline.render_label(rma)
         elif out["state"] == "processing":
-            out = self.pipeline.finish(rma, now, Actor("operator:demo-operator"))
+            out = self.pipeline.finish(rma, utcnow(), Actor("operator:demo-operator"))
         return out
 
-    def receive(self, receipt: ReceiptIn, now: datetime) -> dict[str, Any]:
-        from service.returns import Actor
-
-        out = self.pipeline.receive(receipt, now)
+    def receive(self, receipt: ReceiptIn) -> dict[str, Any]:
+        out = self.pipeline.receive(receipt, utcnow())
         if out["state"] == "received":
-            out = self.pipeline.process(receipt.rma, now, Actor("api")) or out
+            out = self.pipeline.process(receipt.rma, utcnow(), Actor("operator:lantana-dock")) or out
         return out
 
-    def sweep(self, as_of: datetime) -> dict[str, Any]:
-        return self.pipeline.sweep(as_of) | {"board": self.pipeline.board(as_of)}
+    def sweep(self, as_of: datetime) -> None:
+        self.pipeline.sweep(as_of)
 
-    def show(self, rma: str, now: datetime) -> dict[str, Any]:
-        return self.pipeline.show(rma, now)
-
-    def relay(self, now: datetime) -> dict[str, Any]:
-        return self.pipeline.relay(now)
+    def relay(self) -> dict[str, int]:
+        report = self.pipeline.relay(utcnow())
+        return {"sent": len(report["sent"]), "failed": len(report["failed"])}
 
 
 def _say(text: str = "") -> None:
@@ -97,56 +103,57 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def run_sample(driver: Driver) -> dict[str, dict[str, Any]]:
+def run_sample(driver: Driver, pipeline: Any) -> dict[str, dict[str, Any]]:
     """Drive every sample return through its life; return the final `show` of each, keyed by order number."""
     samples = json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
-    counts = driver.import_data(parse(ImportIn, (SAMPLE / "catalog.json").read_text(encoding="utf-8")))
-    _say(f"imported {counts}")
-    _say(f"\n== {T_REQUEST.isoformat()}  requests arrive (P1-P6, R1-R15)")
+    started = utcnow()
+    counts = pipeline.import_data(parse(ImportIn, shifted_catalog(started)))
+    _say(f"imported {counts['products']} products, {counts['customers']} customers, "
+         f"{counts['orders_added']} orders (sample dates moved to today)")
+    _say("\n== requests arrive from the storefront (P1-P6, R1-R15)")
     by_order: dict[str, str] = {}
     for sample in samples:
-        req = parse(ReturnRequestIn, sample["request"] | {"idempotency_key": f"demo-{sample['request']['order_number']}"})
-        out = driver.request(req, T_REQUEST)
-        clauses = ",".join(out.get("clauses", []))
+        key = f"demo-{started:%Y%m%d%H%M%S}-{sample['request']['order_number']}"  # unique per demo run
+        req = parse(ReturnRequestIn, sample["request"] | {"idempotency_key": key})
+        out = driver.request(req)
         _say(f"  {req.order_number:8} {out['decision']:10} {out.get('rma_number') or '-':12} "
-             f"refund {out['refund_total']:>7}  [{clauses}]  {sample['label']}")
+             f"refund {out['refund_total']:>7}  [{','.join(out.get('clauses', []))}]  {sample['label']}")
         if out.get("rma_number"):
             by_order[req.order_number] = out["rma_number"]
-    _report_mail(driver.relay(T_REQUEST))
+    _report_mail(driver.relay())
 
-    _say(f"\n== {T_REVIEW.isoformat()}  operator settles the review of {REVIEW_BEFORE_RECEIPT} (R2)")
-    out = driver.review(by_order[REVIEW_BEFORE_RECEIPT], "lot expiry checked: 2028-02, more than a year out", T_REVIEW)
+    _say(f"\n== an operator settles the review of {REVIEW_BEFORE_RECEIPT} (R2: expiry checked by hand)")
+    out = driver.review(by_order[REVIEW_BEFORE_RECEIPT], "lot expiry checked: more than a year out")
     _say(f"  {REVIEW_BEFORE_RECEIPT:8} -> {out['state']}")
-    _report_mail(driver.relay(T_REVIEW))
 
-    _say(f"\n== {T_RECEIPT.isoformat()}  parcels received at Lantana (P7, P8, R12); processing starts")
+    _say("\n== parcels received at Lantana (P7, P8, R12); processing starts at once")
+    received_at = utcnow()
     for order, lines in RECEIPTS.items():
-        receipt = ReceiptIn(rma=by_order[order], received_at=T_RECEIPT, by="lantana-dock",
-                            lines=[{"sku": sku, "unopened": c[0], "opened": c[1], "damaged": c[2], "missing": c[3]}
-                                   for sku, c in lines.items()])  # type: ignore[misc]
-        out = driver.receive(receipt, T_RECEIPT)
+        receipt = parse(ReceiptIn, {"rma": by_order[order], "received_at": received_at.isoformat(), "by": "lantana-dock",
+                                    "lines": [{"sku": sku, "unopened": c[0], "opened": c[1], "damaged": c[2],
+                                               "missing": c[3]} for sku, c in lines.items()]})
+        out = driver.receive(receipt)
         _say(f"  {order:8} {by_order[order]:12} -> {out['state']}"
              + (f"  refunded {out['refund_total']}" if "refund_total" in out else ""))
-    _report_mail(driver.relay(T_RECEIPT))
+    _report_mail(driver.relay())
 
-    for as_of in (T_SWEEP_DUE, T_SWEEP_LATE):
-        _say(f"\n== {as_of.isoformat()}  deadline sweep (R8, R9)")
-        out = driver.sweep(as_of)
-        _say(f"  expired {out['expired']}  due soon {out['due_soon']}  overdue {out['overdue']}  "
-             f"re-driven {out['processed']}")
-        _say(f"  board: {out['board']['counts']}")
-        _report_mail(driver.relay(as_of))
+    for title, as_of in (("R9: due soon", received_at + DUE_SOON_AFTER_RECEIPT),
+                         ("R8 expiry, R9 overdue", started + EXPIRED_AFTER_REQUEST)):
+        _say(f"\n== deadline sweep replayed as of {as_of.isoformat(timespec='minutes')} ({title})")
+        driver.sweep(as_of)
+        board = pipeline.board(as_of)
+        _say(f"  states {board['counts']}  due soon {board['due_soon']}  overdue {board['overdue']}")
+    _report_mail(driver.relay())
 
-    _say(f"\n== {T_LATE_REVIEW.isoformat()}  operator settles {REVIEW_AFTER_RECEIPT} (damaged in transit back, R12)")
-    out = driver.review(by_order[REVIEW_AFTER_RECEIPT], "carrier damage; refund in full, claim filed", T_LATE_REVIEW)
+    _say(f"\n== an operator settles {REVIEW_AFTER_RECEIPT} (damaged in transit back, R12)")
+    out = driver.review(by_order[REVIEW_AFTER_RECEIPT], "carrier damage; refund in full, claim filed")
     _say(f"  {REVIEW_AFTER_RECEIPT:8} -> {out['state']}")
-    _report_mail(driver.relay(T_LATE_REVIEW))
+    _report_mail(driver.relay())
+    return {order: pipeline.show(rma, utcnow()) for order, rma in by_order.items()}
 
-    return {order: driver.show(rma, T_LATE_REVIEW) for order, rma in by_order.items()}
 
-
-def _report_mail(report: dict[str, Any]) -> None:
-    sent, failed = len(report.get("sent", [])), len(report.get("failed", []))
+def _report_mail(report: dict[str, int]) -> None:
+    sent, failed = report["sent"], report["failed"]
     _say(f"  emails: {sent} sent" + (f", {failed} FAILED" if failed else ""))
 
 
@@ -154,31 +161,45 @@ def summarize(final: dict[str, dict[str, Any]], home: Path) -> None:
     """The closing table: every return's state and money, and where the documents are."""
     _say("\n== where every return ended")
     for order, shown in final.items():
-        paid = ", ".join(f"{p['method']} {p['last4'] or ''} {p['amount']}".replace("  ", " ")
+        paid = ", ".join(" ".join(x for x in (p["method"], p["last4"], p["amount"]) if x)
                          for p in shown["payments_refunded"])
         _say(f"  {order:8} {shown['rma_number']:12} {shown['state']:10} refund {shown['refund_total']:>7}"
              + (f"  to {paid}" if paid else ""))
-    labels = sorted((home / "labels").glob("*.pdf"))
-    mails = sorted((home / "mail").glob("*.eml"))
-    _say(f"\n  {len(labels)} label PDFs in {home / 'labels'}")
-    _say(f"  {len(mails)} emails in {home / 'mail'}")
+    _say(f"\n  {len(list((home / 'labels').glob('*.pdf')))} label PDFs in {home / 'labels'}")
+    _say(f"  {len(list((home / 'mail').glob('*.eml')))} emails in {home / 'mail'}")
 
 
-def run_demo(exit_when_done: bool = True) -> int:
-    """`returns demo`: a fresh sandbox under RETURNS_HOME/demo, the sample driven through, a summary."""
-    from service.config import load_settings
+def demo_pipeline() -> Any:
+    """A fresh sandbox under RETURNS_HOME/demo (SQLite), migrated; the environment points at it."""
+    from service.config import load_settings, settings
     from service.db import engine_for, upgrade
     from service.steps import Pipeline
 
-    base = load_settings()
-    home = base.home / "demo"
+    home = load_settings().home / "demo"
     if home.exists():
         shutil.rmtree(home)  # the demo's own sandbox; nothing else lives under it
     home.mkdir(parents=True)
     url = f"sqlite:///{home / 'returns.db'}"
+    os.environ["RETURNS_HOME"], os.environ["RETURNS_DATABASE_URL"] = str(home), url
+    settings.cache_clear()
     upgrade(url)
-    settings = load_settings({"RETURNS_HOME": str(home), "RETURNS_DATABASE_URL": url})
-    pipeline = Pipeline(settings=settings, engine=engine_for(url))
-    final = run_sample(InProcess(pipeline))
-    summarize(final, home)
+    return Pipeline(settings=settings(), engine=engine_for(url))
+
+
+def run_demo(exit_when_done: bool = True, in_process: bool = False) -> int:
+    """`returns demo`: the sample through the served Prefect deployments (or in-process), then a summary."""
+    pipeline = demo_pipeline()
+    if in_process:
+        final = run_sample(InProcess(pipeline), pipeline)
+        summarize(final, pipeline.settings.home)
+        return 0
+    from flows.orchestrate import orchestrated
+
+    with orchestrated(pipeline.settings.home.parent / "prefect") as driver:
+        final = run_sample(driver, pipeline)
+        summarize(final, pipeline.settings.home)
+        _say(f"\n  Prefect UI: {driver.ui_url}  (flow runs, the 'return-rma-...' artifacts, events)")
+        if not exit_when_done:
+            _say("  serving the deployments; Ctrl-C to stop")
+            driver.wait_forever()
     return 0

@@ -589,18 +589,20 @@ def sweep_candidates(session: Session, as_of: datetime, policy: Policy, limit: i
     )
 
 
-def expire(session: Session, rma: str, as_of: datetime, policy: Policy, settings: Settings) -> bool:
-    """R8: an authorized RMA past its validity with no parcel expires; the customer is told."""
+def expire(session: Session, rma: str, as_of: datetime, now: datetime, policy: Policy, settings: Settings) -> bool:
+    """R8: an authorized RMA past its validity at `as_of` expires (recorded at `now`); the customer is told."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED or ret.rma_expires_at is None or ret.rma_expires_at > as_of:
         return False
-    transition(session, ret, State.EXPIRED, as_of, Actor("sweep"), {"valid_until": ret.rma_expires_at.isoformat()})
-    _email(session, ret, "expired", {"valid_until": policy.local_date(ret.rma_expires_at).isoformat()}, as_of, settings)
+    transition(session, ret, State.EXPIRED, now, Actor("sweep"),
+               {"valid_until": ret.rma_expires_at.isoformat(), "as_of": as_of.isoformat()})
+    _email(session, ret, "expired", {"valid_until": policy.local_date(ret.rma_expires_at).isoformat()}, now, settings)
     return True
 
 
-def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, policy: Policy, settings: Settings) -> bool:
-    """R9: tell Customer Care once that a return is due soon, and once that it is overdue."""
+def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, now: datetime, policy: Policy,
+             settings: Settings) -> bool:
+    """R9: tell Customer Care once that a return is due soon at `as_of`, and once that it is overdue."""
     ret = load_return(session, rma, for_update=True)
     if ret.deadline_at is None or ret.state in {str(s) for s in TERMINAL}:
         return False
@@ -614,7 +616,7 @@ def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, policy
     assert ret.received_at is not None
     _email(session, ret, str(flag), {"received_on": policy.local_date(ret.received_at).isoformat(),
                                      "deadline": ret.deadline_at.isoformat(), "state": ret.state},
-           as_of, settings, to_care=True)
+           now, settings, to_care=True)
     return True
 
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from models.errors import StaleState
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
-from models.tables import Customer, Order, Return
+from models.tables import Customer, Order, OutboxMessage, Return
 from service import returns as svc
 from service.config import Settings
 from service.config import settings as load_settings
@@ -57,6 +57,18 @@ class Pipeline:
         """Store the decision (and RMA, outbox rows) in one transaction; idempotent per idempotency key."""
         with unit_of_work(self.engine) as session:
             return svc.request_return(session, req, now, actor, self.policy, self.settings).as_dict()
+
+    def lookup(self, idempotency_key: str) -> dict[str, Any] | None:
+        """The stored outcome of the request made with this idempotency key, if any."""
+        with unit_of_work(self.engine) as session:
+            ret = session.scalars(select(Return).where(Return.idempotency_key == idempotency_key)).first()
+            return None if ret is None else svc.RequestResult(ret, ret.decision, replayed=True).as_dict()
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many outbox rows are pending, sent and failed."""
+        with unit_of_work(self.engine) as session:
+            rows = session.execute(select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)).all()
+        return {"pending": 0, "sent": 0, "failed": 0} | {str(s): int(n) for s, n in rows}
 
     def render_label(self, rma: str) -> str | None:
         """Write the RMA's label PDF if it is not there yet; deterministic, so a re-run rewrites the same bytes."""
@@ -149,11 +161,11 @@ class Pipeline:
 
     def expire(self, rma: str, as_of: datetime) -> bool:
         with unit_of_work(self.engine) as session:
-            return svc.expire(session, rma, as_of, self.policy, self.settings)
+            return svc.expire(session, rma, as_of, utcnow(), self.policy, self.settings)
 
     def escalate(self, rma: str, flag: Flag, as_of: datetime) -> bool:
         with unit_of_work(self.engine) as session:
-            return svc.escalate(session, rma, flag, as_of, self.policy, self.settings)
+            return svc.escalate(session, rma, flag, as_of, utcnow(), self.policy, self.settings)
 
     def sweep(self, as_of: datetime, actor: Actor | None = None) -> dict[str, list[str]]:
         """Expire (R8), escalate (R9) and re-drive stuck processing; each return in its own short transaction."""

@@ -1,0 +1,178 @@
+"""Running against a Prefect server: start one if none answers, serve the deployments, trigger runs over HTTP."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from flows.serve import (
+    PREFECT_PORT,
+    api_healthy,
+    drain_prefect_workers,
+    prefect_env,
+    serve,
+    start_server,
+    stop_server,
+)
+from models.errors import PermanentError, TransientError
+from models.schemas import ReceiptIn, ReturnRequestIn
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class RunFailed(PermanentError):
+    """A flow run ended in a failed state; the message is the state's."""
+
+
+class PrefectApi:
+    """The HTTP calls a storefront or an operator tool makes: create a deployment's flow run, watch it."""
+
+    def __init__(self, api_url: str, auth: str | None = None) -> None:
+        self.api_url = api_url.rstrip("/")
+        headers = {"Authorization": f"Basic {auth}"} if auth else {}
+        self.http = httpx.Client(base_url=self.api_url, timeout=30, headers=headers)
+        self._deployments: dict[str, str] = {}
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call, retried with backoff while the server is busy (503/429) or unreachable."""
+        delay = 0.05
+        for attempt in range(12):
+            try:
+                r = self.http.request(method, url, **kwargs)
+                if r.status_code not in (429, 503):
+                    return r
+            except httpx.TransportError:
+                if attempt == 11:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        return r
+
+    def deployment_id(self, name: str) -> str:
+        if name not in self._deployments:
+            r = self._call("GET", f"/deployments/name/{name}")
+            r.raise_for_status()
+            self._deployments[name] = r.json()["id"]
+        return self._deployments[name]
+
+    def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> str:
+        """POST /deployments/{id}/create_flow_run; the same idempotency key returns the same run."""
+        body: dict[str, Any] = {"parameters": parameters}
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        r = self._call("POST", f"/deployments/{self.deployment_id(deployment)}/create_flow_run", json=body)
+        if r.status_code == 409:
+            raise PermanentError(f"refused by the Prefect API: {r.json().get('detail', r.text)[:300]}")
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+    def wait(self, run_id: str, timeout: float = 120.0, poll: float = 0.05) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self._call("GET", f"/flow_runs/{run_id}")
+            r.raise_for_status()
+            run = r.json()
+            if run["state"]["type"] in FINAL:
+                if run["state"]["type"] != "COMPLETED":
+                    raise RunFailed(f"flow run {run['name']} {run['state']['type'].lower()}: "
+                                    f"{(run['state'].get('message') or '')[:300]}")
+                return dict(run)
+            time.sleep(poll)
+        raise TransientError(f"flow run {run_id} did not finish within {timeout:.0f} s")
+
+    def run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        return self.wait(self.create_run(deployment, parameters, idempotency_key))
+
+
+class PrefectDriver:
+    """The demo's (and the CLI's) way through Prefect: every stage is a run of its deployment."""
+
+    def __init__(self, api: PrefectApi, pipeline: Any, ui_url: str, stop: threading.Event) -> None:
+        self.api, self.pipeline, self.ui_url, self._stop = api, pipeline, ui_url, stop
+        self._reported = 0
+
+    def request(self, req: ReturnRequestIn) -> dict[str, Any]:
+        params = req.model_dump(mode="json", exclude_none=True)
+        self.api.run("request-return/storefront", params, idempotency_key=req.idempotency_key)
+        assert req.idempotency_key is not None
+        out = self.pipeline.lookup(req.idempotency_key)
+        assert out is not None
+        return dict(out)
+
+    def review(self, rma: str, note: str) -> dict[str, Any]:
+        self.api.run("settle-review/operator", {"rma": rma, "authorize": True, "note": note, "by": "demo-operator"})
+        return {"state": self.pipeline.show(rma, datetime.now().astimezone())["state"]}
+
+    def receive(self, receipt: ReceiptIn) -> dict[str, Any]:
+        self.api.run("record-receipt/lantana-dock", receipt.model_dump(mode="json"))
+        shown = self.pipeline.show(receipt.rma, datetime.now().astimezone())
+        out = {"state": shown["state"]}
+        if shown["state"] == "completed":
+            out["refund_total"] = shown["refund_total"]
+        return out
+
+    def sweep(self, as_of: datetime) -> None:
+        self.api.run("deadline-sweep/hourly", {"as_of": as_of.isoformat()})
+
+    def relay(self) -> dict[str, int]:
+        """Run the relay deployment; report what was sent since the last report (the stage flows send too)."""
+        self.api.run("outbox-relay/every-minute", {})
+        counts = self.pipeline.outbox_counts()
+        sent, self._reported = counts["sent"] - self._reported, counts["sent"]
+        return {"sent": sent, "failed": counts["failed"]}
+
+    def wait_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+@contextmanager
+def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[PrefectDriver]:
+    """A reachable Prefect server (PREFECT_API_URL, one on :4200, or one started here) serving our deployments."""
+    from service.steps import Pipeline
+
+    api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{PREFECT_PORT}/api"
+    proc = None
+    if not api_healthy(api_url):
+        if os.environ.get("PREFECT_API_URL"):
+            raise TransientError(f"the Prefect API at {api_url} does not answer")
+        proc = start_server(prefect_home)
+        os.environ.update(prefect_env(prefect_home))
+    else:
+        os.environ.setdefault("PREFECT_API_URL", api_url)
+    stop = threading.Event()
+    server_thread = threading.Thread(target=serve, kwargs={"poll_seconds": poll_seconds, "until": stop.is_set},
+                                     name="returns-serve", daemon=True)
+    server_thread.start()
+    api = PrefectApi(api_url, os.environ.get("PREFECT_API_AUTH_STRING"))
+    _wait_for_deployments(api)
+    try:
+        yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), stop)
+    finally:
+        stop.set()
+        server_thread.join(timeout=30)
+        drain_prefect_workers()
+        if proc is not None:
+            stop_server(proc)
+
+
+def _wait_for_deployments(api: PrefectApi, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            api.deployment_id("outbox-relay/every-minute")
+            return
+        except httpx.HTTPStatusError:
+            time.sleep(0.2)
+    raise TransientError("the deployments were not registered in time")

@@ -1,0 +1,114 @@
+"""The stage flows of a return; each reads as the stage list in DESIGN.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from prefect import flow
+from pydantic import AwareDatetime
+
+from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
+from tasks import returns as t
+
+FLOW_OPTIONS: dict[str, Any] = {"persist_result": False, "log_prints": False}
+
+
+@flow(name="request-return", flow_run_name="request-{order_number}", **FLOW_OPTIONS)
+def request_return(
+    order_number: str,
+    email: str,
+    reason: Literal["unwanted", "damaged", "shipping_error", "wrong_product"],
+    lines: list[RequestLineIn],
+    resolution: Literal["refund", "replacement", "exchange"] | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """request -> eligibility -> RMA number + label PDF -> 'RMA issued' (or 'declined') email."""
+    request = parse(ReturnRequestIn, {
+        "order_number": order_number, "email": email, "reason": reason, "resolution": resolution,
+        "lines": [ln.model_dump() if isinstance(ln, RequestLineIn) else ln for ln in lines],
+        "idempotency_key": idempotency_key,
+    })
+    decision = t.store_decision(request)
+    rma = decision.get("rma_number")
+    if rma and decision["state"] == "authorized":
+        t.render_label(rma)
+    t.send_outbox()
+    if rma:
+        t.publish(rma)
+    return {k: decision[k] for k in ("decision", "rma_number", "state", "refund_total", "clauses")}
+
+
+def _process(rma: str, who: str) -> dict[str, Any] | None:
+    """claim -> pay the refund -> complete with the 'processed' email."""
+    if not t.claim_return(rma, who):
+        return None
+    paid = t.pay_refund(rma)
+    return t.complete_return(rma, paid, who)
+
+
+@flow(name="record-receipt", flow_run_name="receipt-{rma}", **FLOW_OPTIONS)
+def record_receipt(rma: str, received_at: AwareDatetime, lines: list[ReceiptLineIn], by: str = "dock") -> dict[str, Any]:
+    """receipt at Lantana (per-unit condition) -> 10-day clock -> processing starts at once -> emails."""
+    receipt = parse(ReceiptIn, {"rma": rma, "received_at": received_at.isoformat(), "by": by,
+                                "lines": [ln.model_dump() if isinstance(ln, ReceiptLineIn) else ln for ln in lines]})
+    out = t.record_receipt(receipt)
+    if out["state"] == "received":
+        out = _process(out["rma_number"], f"operator:{by}") or out
+    t.send_outbox()
+    t.publish(out["rma_number"])
+    return out
+
+
+@flow(name="process-return", flow_run_name="process-{rma}", **FLOW_OPTIONS)
+def process_return(rma: str) -> dict[str, Any] | None:
+    """Refund (or ship the replacement / exchange) a received return, then the 'processed' email."""
+    out = _process(rma, "api")
+    t.send_outbox()
+    t.publish(rma)
+    return out
+
+
+@flow(name="settle-review", flow_run_name="review-{rma}", **FLOW_OPTIONS)
+def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
+    """An operator's decision on a return in review: authorize (RMA + label, or processing) or decline."""
+    out = t.settle_review(rma, authorize, note, by)
+    if out["state"] == "authorized":
+        t.render_label(rma)
+    elif out["state"] == "processing":
+        paid = t.pay_refund(rma)
+        out = t.complete_return(rma, paid, f"operator:{by}")
+    t.send_outbox()
+    t.publish(rma)
+    return out
+
+
+@flow(name="cancel-return", flow_run_name="cancel-{rma}", **FLOW_OPTIONS)
+def cancel_return(rma: str, note: str, by: str) -> dict[str, Any]:
+    """Withdraw an authorized return; its units become returnable again."""
+    out = t.cancel_return(rma, note, by)
+    t.publish(rma)
+    return out
+
+
+@flow(name="deadline-sweep", flow_run_name="sweep", **FLOW_OPTIONS)
+def deadline_sweep(as_of: AwareDatetime | None = None) -> dict[str, Any]:
+    """Expire lapsed RMAs (R8), escalate due-soon and overdue returns (R9), re-drive stuck ones; the board."""
+    moment = as_of or t.now()
+    plan = t.plan_sweep(moment)
+    expired = t.expire_rmas(plan["expire"], moment)
+    escalated = t.escalate_deadlines(plan["due_soon"], plan["overdue"], moment)
+    redriven = t.redrive_stuck(plan["redrive"], moment)
+    labels = t.render_missing_labels()
+    t.send_outbox()
+    for rma in sorted(set(expired) | set(escalated["due_soon"]) | set(escalated["overdue"]) | set(redriven)):
+        t.publish(rma)
+    board = t.publish_board(moment)
+    return {"as_of": moment.isoformat(), "expired": expired, **escalated, "processed": redriven, "labels": labels,
+            "board": board}
+
+
+@flow(name="outbox-relay", flow_run_name="relay", **FLOW_OPTIONS)
+def outbox_relay() -> dict[str, Any]:
+    """Send every pending email; failures stay visible on their outbox rows."""
+    return t.send_outbox()

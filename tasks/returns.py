@@ -1,0 +1,182 @@
+"""Prefect tasks: one side effect each, thin over service.steps, retried only on transient errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import Task, exponential_backoff
+
+from models.errors import TransientError
+from models.policy import Flag
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
+from service.returns import Actor
+from service.steps import Pipeline
+from tasks.visibility import publish_return
+
+
+@lru_cache(maxsize=1)
+def pipeline() -> Pipeline:
+    """One pipeline (engine, settings, gateway) per process, built on first use."""
+    return Pipeline.from_env()
+
+
+def actor(name: str) -> Actor:
+    """The actor for the audit row, carrying the current Prefect flow run id."""
+    from prefect.runtime import flow_run
+
+    return Actor(name, str(flow_run.id) if flow_run.id else None)
+
+
+def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a failed task only when its error is transient (database busy, SMTP down, gateway timeout)."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is permanent: bad input, not eligible, declined card
+        return False
+    return False
+
+
+# Shared by every task that talks to the database, a file system, SMTP or the gateway.
+RETRY: dict[str, Any] = {
+    "retries": 4,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=0.5),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": transient_only,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@task(name="store-decision", timeout_seconds=30, **RETRY)
+def store_decision(request: ReturnRequestIn) -> dict[str, Any]:
+    """Decide the request and store it with its RMA and outbox rows; idempotent per idempotency key."""
+    return pipeline().request(request, now(), actor("api"))
+
+
+@task(name="render-label", timeout_seconds=30, **RETRY)
+def render_label(rma: str) -> str | None:
+    """Write the label PDF under RETURNS_HOME/labels; deterministic, skipped when present."""
+    return pipeline().render_label(rma)
+
+
+@task(name="record-receipt", timeout_seconds=30, **RETRY)
+def record_receipt(receipt: ReceiptIn) -> dict[str, Any]:
+    """Log the parcel with per-unit condition and start the 10-day clock (P8)."""
+    return pipeline().receive(receipt, now())
+
+
+@task(name="claim-return", timeout_seconds=30, **RETRY)
+def claim_return(rma: str, who: str = "api") -> bool:
+    """received -> processing under a lease; False when another worker holds it or it is done."""
+    return pipeline().claim(rma, now(), actor(who))
+
+
+@task(name="pay-refund", timeout_seconds=60, **RETRY)
+def pay_refund(rma: str) -> dict[str, Any]:
+    """Pay the refund through the gateway with keys refund:<RMA>:<payment>; a retry never pays twice."""
+    p = pipeline()
+    plan = p.plan_refund(rma)
+    references = p.pay(plan)
+    return {"references": {str(k): v for k, v in references.items()}, "total": str(plan.settlement.refund_total)}
+
+
+@task(name="complete-return", timeout_seconds=30, **RETRY)
+def complete_return(rma: str, paid: dict[str, Any], who: str = "api") -> dict[str, Any]:
+    """Record the refund and complete the return with its 'processed' email, in one transaction."""
+    p = pipeline()
+    references = {int(k): v for k, v in paid["references"].items()}
+    return p.complete(rma, p.plan_refund(rma), references, now(), actor(who))
+
+
+@task(name="settle-review", timeout_seconds=30, **RETRY)
+def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
+    """An operator's decision on a return in review."""
+    return pipeline().review(rma, authorize, note, by, now())
+
+
+@task(name="cancel-return", timeout_seconds=30, **RETRY)
+def cancel_return(rma: str, note: str, by: str) -> dict[str, Any]:
+    """Withdraw an authorized return."""
+    return pipeline().cancel(rma, note, by, now())
+
+
+@task(name="send-outbox", timeout_seconds=120, **RETRY)
+def send_outbox() -> dict[str, Any]:
+    """Deliver pending emails (at least once, stable Message-IDs); failures stay visible in the outbox."""
+    return pipeline().relay(now())
+
+
+@task(name="import-catalog", timeout_seconds=120, **RETRY)
+def import_catalog(data: ImportIn) -> dict[str, int]:
+    """Upsert products, customers and orders."""
+    return pipeline().import_data(data)
+
+
+@task(name="plan-sweep", timeout_seconds=60, **RETRY)
+def plan_sweep(as_of: datetime) -> dict[str, list[str]]:
+    """The RMAs the sweep must act on at `as_of`."""
+    plan = pipeline().sweep_plan(as_of)
+    return {"expire": plan.expire, "due_soon": plan.due_soon, "overdue": plan.overdue, "redrive": plan.redrive}
+
+
+@task(name="expire-rmas", timeout_seconds=300, **RETRY)
+def expire_rmas(rmas: list[str], as_of: datetime) -> list[str]:
+    """R8: expire each lapsed RMA in its own short transaction (a retry skips the done ones)."""
+    return [r for r in rmas if pipeline().expire(r, as_of)]
+
+
+@task(name="escalate-deadlines", timeout_seconds=300, **RETRY)
+def escalate_deadlines(due_soon: list[str], overdue: list[str], as_of: datetime) -> dict[str, list[str]]:
+    """R9: tell Customer Care once per return that it is due soon, and once that it is overdue."""
+    p = pipeline()
+    return {"due_soon": [r for r in due_soon if p.escalate(r, Flag.DUE_SOON, as_of)],
+            "overdue": [r for r in overdue if p.escalate(r, Flag.OVERDUE, as_of)]}
+
+
+@task(name="redrive-stuck", timeout_seconds=600, **RETRY)
+def redrive_stuck(rmas: list[str], as_of: datetime) -> list[str]:
+    """Finish returns left in received/processing past their lease (a crashed worker); pays at most once."""
+    from models.errors import StaleState
+
+    done = []
+    for rma in rmas:
+        try:
+            if pipeline().process(rma, now(), actor("sweep")) is not None:
+                done.append(rma)
+        except StaleState:
+            continue
+    return done
+
+
+@task(name="render-missing-labels", timeout_seconds=300, **RETRY)
+def render_missing_labels() -> list[str]:
+    """Labels for authorized RMAs whose PDF is missing (a crash between commit and render)."""
+    p = pipeline()
+    return [r for r in p.missing_labels() if p.render_label(r)]
+
+
+@task(name="publish-board", timeout_seconds=30, cache_policy=NO_CACHE, persist_result=False)
+def publish_board(as_of: datetime) -> dict[str, Any]:
+    """The operators' board artifact: counts per state, due soon, overdue, stuck."""
+    from tasks.visibility import publish_board as publish
+
+    board = pipeline().board(as_of)
+    publish(board)
+    return board
+
+
+@task(name="publish-return", timeout_seconds=30, cache_policy=NO_CACHE, persist_result=False)
+def publish(rma: str) -> None:
+    """Refresh the return's artifact and emit an event per new transition."""
+    publish_return(pipeline(), rma)

@@ -1,0 +1,89 @@
+"""What operators see in Prefect: one artifact per return, an event per transition, the sweep's board."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from service.steps import Pipeline, utcnow
+
+EVENT_NAMESPACE = uuid.UUID("6f1c2a52-8e0b-4a53-9a55-3d1f0c9e2b71")
+
+
+def artifact_key(rma: str) -> str:
+    """Artifact keys are lowercase with dashes: return-rma-7k2qmxp."""
+    return f"return-{rma.lower()}"
+
+
+def _cell(value: object) -> str:
+    return str(value if value is not None else "").replace("|", "/").replace("\n", " ")
+
+
+def return_markdown(shown: dict[str, Any]) -> str:
+    """The return's page: state, money, deadline, the clauses cited, each line and the timeline (ids only)."""
+    out = [
+        f"# {shown['rma_number']} - {shown['state']}",
+        "",
+        f"Order **{shown['order_number']}** | reason `{shown['reason']}` | resolution `{shown['resolution']}` | "
+        f"policy `{shown['policy_version']}` | clauses {', '.join(shown['clauses'])}",
+        "",
+        f"Refund total **${shown['refund_total']}**"
+        + (f" | RMA valid until {shown['rma_valid_until'][:10]}" if shown.get("rma_valid_until") else "")
+        + (f" | received {shown['received_at'][:16]}" if shown.get("received_at") else "")
+        + (f" | deadline **{shown['deadline'][:16]}** ({shown['deadline_flag']})" if shown.get("deadline") else ""),
+        "",
+        "| sku | qty | decision | clauses | refund | fee | received (u/o/d/m) | settled | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ln in shown["lines"]:
+        rc = ln["received"]
+        received = f"{rc['unopened']}/{rc['opened']}/{rc['damaged']}/{rc['missing']}" if rc else ""
+        out.append(f"| {ln['sku']} | {ln['quantity']} | {ln['decision']} | {' '.join(ln['clauses'])} | "
+                   f"{ln['refund']} | {ln['restocking_fee']} | {received} | {_cell(ln['settled_refund'])} | "
+                   f"{_cell(ln['note'] or ln['reason'])} |")
+    if shown["payments_refunded"]:
+        out += ["", "Refunded: " + ", ".join(f"{p['method']} {p['last4'] or ''} ${p['amount']} ({p['reference']})"
+                                             for p in shown["payments_refunded"])]
+    out += ["", "| when (UTC) | from | to | by | flow run |", "|---|---|---|---|---|"]
+    for t in shown["timeline"]:
+        out.append(f"| {t['at'][:19]} | {_cell(t['from'])} | {t['to']} | {t['actor']} | {_cell(t['flow_run_id'])} |")
+    out += ["", "Emails: " + (", ".join(f"{m['kind']} ({m['status']})" for m in shown["emails"]) or "none")]
+    return "\n".join(out)
+
+
+def publish_return(pipeline: Pipeline, rma: str) -> None:
+    """Write the return's artifact (a new version under its stable key) and emit its transitions as events."""
+    shown = pipeline.show(rma, utcnow())
+    create_markdown_artifact(key=artifact_key(rma), markdown=return_markdown(shown),
+                             description=f"Return {rma} for order {shown['order_number']}")
+    for i, t in enumerate(shown["timeline"]):
+        # A deterministic id per transition: publishing again does not duplicate the event.
+        emit_event(
+            event=f"returns.{t['to']}",
+            resource={"prefect.resource.id": f"returns.rma.{rma}", "prefect.resource.name": rma,
+                      "returns.order": shown["order_number"]},
+            occurred=datetime.fromisoformat(t["at"]),
+            payload={"from": t["from"], "to": t["to"], "actor": t["actor"], "flow_run_id": t["flow_run_id"]},
+            id=uuid.uuid5(EVENT_NAMESPACE, f"{rma}:{i}:{t['to']}:{t['at']}"),
+        )
+
+
+def board_markdown(board: dict[str, Any]) -> str:
+    """The sweep's board: counts per state and the lists operators act on."""
+    lines = [f"# Returns board at {board['as_of'][:16]}", "", "| state | returns |", "|---|---|"]
+    lines += [f"| {state} | {n} |" for state, n in sorted(board["counts"].items())]
+    for title, key in (("Due soon (R9: within 48 h of the 10-day deadline)", "due_soon"),
+                       ("Overdue (R9: past the 10-day deadline)", "overdue"),
+                       ("Stuck (past the processing lease; the sweep re-drives them)", "stuck")):
+        items = board.get(key) or []
+        lines += ["", f"## {title}: {len(items)}", ""] + [f"- {r}" for r in items[:200]]
+    return "\n".join(lines)
+
+
+def publish_board(board: dict[str, Any]) -> None:
+    create_markdown_artifact(key="returns-board", markdown=board_markdown(board),
+                             description="Counts per state, due soon, overdue, stuck")
