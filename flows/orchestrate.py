@@ -103,7 +103,7 @@ class PrefectDriver:
         params = req.model_dump(mode="json", exclude_none=True)
         self.api.run("request-return/storefront", params, idempotency_key=req.idempotency_key)
         assert req.idempotency_key is not None
-        out = self.pipeline.lookup(req.idempotency_key)
+        out = self.pipeline.lookup(req.order_number, req.idempotency_key)
         assert out is not None
         return dict(out)
 

@@ -1,11 +1,12 @@
-"""RMA numbers: RMA- plus six Crockford base-32 symbols and a Luhn mod 32 check symbol."""
+"""RMA numbers: RMA- plus six symbols and a check symbol, from a 31-symbol Crockford-style alphabet."""
 
 import re
 import secrets
 
 from models.errors import InvalidInput
 
-ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford: no I, L, O, U
+# Crockford's base 32 less Z (it reads as 2): 31 symbols, a prime, so the weighted check below is exact.
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXY"
 _BODY = 6
 _CANON = re.compile(rf"^RMA-[{ALPHABET}]{{{_BODY + 1}}}$")
 # Crockford decoding: letters people confuse with digits read as the digit.
@@ -13,15 +14,13 @@ _CONFUSABLE = str.maketrans({"O": "0", "I": "1", "L": "1"})
 
 
 def _check_symbol(body: str) -> str:
-    """Luhn mod N over the alphabet: catches every single-symbol error and adjacent swap of distinct symbols."""
+    """Weighted sum mod 31 (weights 1..7, the check symbol weighted 7): with 31 prime and symbol values below
+    31, every single-symbol error and every adjacent swap of distinct symbols changes the sum."""
     n = len(ALPHABET)
-    total = 0
-    factor = 2
-    for ch in reversed(body):
-        addend = factor * ALPHABET.index(ch)
-        total += addend // n + addend % n
-        factor = 1 if factor == 2 else 2
-    return ALPHABET[(n - total % n) % n]
+    total = sum((i + 1) * ALPHABET.index(ch) for i, ch in enumerate(body))
+    weight = len(body) + 1
+    # choose c with total + weight * c == 0 (mod n)
+    return ALPHABET[(-total * pow(weight, -1, n)) % n]
 
 
 def new_rma(token: bytes | None = None) -> str:
@@ -48,4 +47,4 @@ def parse_rma(text: object) -> str:
 
 def is_canonical(rma: str) -> bool:
     """True when `rma` is already in the stored form."""
-    return bool(_CANON.match(rma))
+    return bool(_CANON.fullmatch(rma))

@@ -32,7 +32,13 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 TERMINAL: frozenset[State] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
 
-def check_transition(current: State, target: State) -> None:
-    """Raise InvalidTransition unless the table allows current -> target."""
+# States that move money or goods: only a return whose parcel was received may enter them (refund after receipt).
+NEEDS_RECEIPT: frozenset[State] = frozenset({State.PROCESSING, State.COMPLETED})
+
+
+def check_transition(current: State, target: State, *, received: bool = True) -> None:
+    """Raise InvalidTransition unless the table allows current -> target and, for processing, the parcel is in."""
     if target not in TRANSITIONS[current]:
         raise InvalidTransition(f"a return in state '{current}' cannot become '{target}'")
+    if target in NEEDS_RECEIPT and not received:
+        raise InvalidTransition(f"a return cannot become '{target}' before its parcel is received")

@@ -93,10 +93,11 @@ class Payment(SQLModel, table=True):
 
 class Return(SQLModel, table=True):
     __tablename__ = "returns"
+    __table_args__ = (UniqueConstraint("order_number", "idempotency_key"),)
     id: int | None = Field(default=None, primary_key=True)
     rma: str | None = Field(default=None, unique=True, max_length=16)
     order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
-    idempotency_key: str | None = Field(default=None, unique=True, max_length=128)
+    idempotency_key: str | None = Field(default=None, max_length=128)
     reason: str = Field(max_length=20)
     resolution: str = Field(max_length=20)
     state: str = Field(index=True, max_length=20)

@@ -181,7 +181,7 @@ def transition(
 ) -> None:
     """Compare-and-set the state (plus `values`) and append the audit row, in the caller's transaction."""
     current = State(ret.state)
-    check_transition(current, target)
+    check_transition(current, target, received=ret.received_at is not None or "received_at" in values)
     result = session.execute(
         update(Return).where(Return.id == ret.id, Return.state == str(current))  # type: ignore[arg-type]
         .values(state=str(target), updated_at=now, **values)
@@ -235,12 +235,14 @@ def _lines(session: Session, ret: Return) -> list[ReturnLine]:
 
 
 def _email(session: Session, ret: Return, kind: str, context: dict[str, Any], now: datetime, settings: Settings,
-           *, to_care: bool = False) -> None:
+           *, to_care: bool = False, occasion: str = "") -> None:
+    """Enqueue one message per (return, kind[, occasion]) in the caller's transaction."""
     customer = _customer(session, ret)
     base = {"rma": ret.rma, "order_number": ret.order_number, "return_id": ret.id}
     if not to_care:
         base |= {"customer_name": customer.name, "account": customer.account}
-    enqueue(session, key=f"{ret.id}:{kind}", kind=kind, recipient=settings.care_address if to_care else customer.email,
+    key = f"{ret.id}:{kind}" + (f":{occasion}" if occasion else "")
+    enqueue(session, key=key, kind=kind, recipient=settings.care_address if to_care else customer.email,
             context=base | context, return_id=ret.id, now=now, domain=settings.shop.message_id_domain)
 
 
@@ -292,7 +294,9 @@ def _decline(session: Session, ret: Return, now: datetime, actor: Actor, setting
 def _review(session: Session, ret: Return, now: datetime, actor: Actor, settings: Settings, facts: dict[str, Any],
             reasons: list[str]) -> None:
     transition(session, ret, State.REVIEW, now, actor, facts)
-    _email(session, ret, "review_needed", {"reasons": reasons}, now, settings, to_care=True)
+    # A return can need review twice: at request (e.g. no expiry, R2) and at receipt (R12).
+    _email(session, ret, "review_needed", {"reasons": reasons}, now, settings, to_care=True,
+           occasion="receipt" if ret.received_at else "request")
 
 
 # ---- request ---------------------------------------------------------------------------------------------
@@ -312,12 +316,13 @@ class RequestResult:
 def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor: Actor, policy: Policy,
                    settings: Settings) -> RequestResult:
     """Decide and store a request; authorized ones get an RMA; a repeated idempotency key returns the first."""
-    if req.idempotency_key:
-        prior = session.scalars(select(Return).where(Return.idempotency_key == req.idempotency_key)).first()
-        if prior is not None:
-            _order_for_request(session, req)  # the key does not let a stranger read someone else's return (R13)
-            return RequestResult(prior, prior.decision, replayed=True)
     order, _ = _order_for_request(session, req)
+    if req.idempotency_key:
+        # Keys are scoped to the order (R13): another customer's key can neither collide nor reveal a return.
+        prior = session.scalars(select(Return).where(Return.order_number == order.number,
+                                                     Return.idempotency_key == req.idempotency_key)).first()
+        if prior is not None:
+            return RequestResult(prior, prior.decision, replayed=True)
     decision = quote(session, req, now, policy)
     _, _, order_lines = _facts(session, order)
     ret = Return(order_number=order.number, idempotency_key=req.idempotency_key, reason=str(decision.reason),

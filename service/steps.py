@@ -58,10 +58,11 @@ class Pipeline:
         with unit_of_work(self.engine) as session:
             return svc.request_return(session, req, now, actor, self.policy, self.settings).as_dict()
 
-    def lookup(self, idempotency_key: str) -> dict[str, Any] | None:
-        """The stored outcome of the request made with this idempotency key, if any."""
+    def lookup(self, order_number: str, idempotency_key: str) -> dict[str, Any] | None:
+        """The stored outcome of the request made for this order with this idempotency key, if any."""
         with unit_of_work(self.engine) as session:
-            ret = session.scalars(select(Return).where(Return.idempotency_key == idempotency_key)).first()
+            ret = session.scalars(select(Return).where(Return.order_number == order_number,
+                                                       Return.idempotency_key == idempotency_key)).first()
             return None if ret is None else svc.RequestResult(ret, ret.decision, replayed=True).as_dict()
 
     def outbox_counts(self) -> dict[str, int]:
@@ -95,7 +96,7 @@ class Pipeline:
             issued_on=self.policy.local_date(ret.rma_issued_at), valid_until=self.policy.local_date(ret.rma_expires_at),
             prepaid=bool(ctx["prepaid"]),
         )
-        return str(write_label(self.settings.label_dir, rma, render_label(data, self.settings.shop)))
+        return str(write_label(self.settings.label_dir, rma, render_label(data, self.settings.shop, policy=self.policy)))
 
     def receive(self, receipt: ReceiptIn, now: datetime) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:

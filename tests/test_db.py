@@ -173,10 +173,6 @@ def test_r13_unknown_order_and_wrong_email_answer_alike(sample_pipeline: Pipelin
     assert ask(p, "IS-1001", email="ZOE.LUKASIEWICZ@EXAMPLE.COM", idempotency_key=None)["decision"] == "authorized"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: service/returns.py request_return replays any prior return with the same idempotency_key after checking "
-    "only that the *new* requester owns *their* order; it never checks prior.order_number == req.order_number, so "
-    "a customer who reuses another customer's key receives that customer's RMA and decision (R13)"))
 def test_r13_an_idempotency_key_does_not_reveal_another_customers_return(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     first = ask(p, "IS-1001")  # key storefront-5001
@@ -680,11 +676,6 @@ def test_r11_a_completed_return_keeps_holding_its_units(sample_pipeline: Pipelin
         ask(p, "IS-1001", now=LATER, idempotency_key="again", lines=[{"sku": "VC-SERUM-30", "quantity": 2}])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: service/returns.py _review enqueues kind review_needed under the outbox key '<return id>:review_needed'; "
-    "a return reviewed at request time (IS-1006, no expiry) and then sent to review again at receipt (R12, damaged "
-    "in transit back) finds that key taken, so enqueue() returns the old row and Customer Care is never told about "
-    "the receipt-time review (only reasons about the expiry date exist in the outbox)"))
 def test_a_second_review_at_receipt_still_tells_customer_care(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1006")

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 03:47:21.042775
+Create Date: 2026-11-26 04:00:02.218413
 """
 from collections.abc import Sequence
 
@@ -11,6 +11,7 @@ import sqlmodel
 from alembic import op
 
 import models.tables
+
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -108,7 +109,7 @@ def upgrade() -> None:
     sa.Column('updated_at', models.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['order_number'], ['orders.number'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('idempotency_key'),
+    sa.UniqueConstraint('order_number', 'idempotency_key'),
     sa.UniqueConstraint('rma')
     )
     with op.batch_alter_table('returns', schema=None) as batch_op:
