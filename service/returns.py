@@ -449,6 +449,14 @@ def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Polic
     return None
 
 
+def current_settlement(session: Session, ret: Return, policy: Policy) -> pol.Settlement:
+    """The settlement the stored receipt earns, counting an operator's authorize after a receipt-time review."""
+    approved = session.scalars(select(Transition.id).where(
+        Transition.return_id == ret.id, Transition.from_state == str(State.REVIEW),
+        Transition.to_state == str(State.PROCESSING))).first() is not None
+    return settlement_for(session, ret, policy, approved=approved)
+
+
 @dataclass(frozen=True)
 class PlannedRefund:
     """What processing will pay: the settlement and its split over payments (R10), from stored facts."""
@@ -465,10 +473,7 @@ class PlannedRefund:
 def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
     """Compute the refund and its allocation; reads only."""
     assert ret.rma is not None
-    approved = session.scalars(select(Transition.id).where(
-        Transition.return_id == ret.id, Transition.from_state == str(State.REVIEW),
-        Transition.to_state == str(State.PROCESSING))).first() is not None
-    settlement = settlement_for(session, ret, policy, approved=approved)
+    settlement = current_settlement(session, ret, policy)
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents), from_cents(p.refunded_cents),
                                  p.captured_at)
                 for p in session.scalars(select(Payment).where(Payment.order_number == ret.order_number))]
