@@ -1,0 +1,177 @@
+"""The outbox relay: delivers each pending email at least once, always under its stable Message-ID.
+
+One row at a time: a short transaction claims it (`FOR UPDATE SKIP LOCKED` on PostgreSQL, the write lock
+on SQLite) and pushes its `next_attempt_at` forward by a lease, so no other relay picks it while it is
+being sent; the send happens outside any transaction; a second short transaction records the outcome.
+A relay that dies between send and record leaves the row pending; once the lease runs out the next
+relay sends it again with the same Message-ID (at-least-once, never lost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, select, update
+from sqlmodel import col
+
+from models.errors import PermanentError
+from models.tables import OutboxMessage
+from service.db import unit_of_work
+from service.mail import AttachmentMissing, Transport, TransportUnavailable, render
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+LEASE = timedelta(minutes=5)
+BACKOFF_BASE = timedelta(minutes=1)
+BACKOFF_CAP = timedelta(hours=1)
+
+_ADDRESS_LIKE = re.compile(r"[^\s<>@\"',;:()\[\]]+@[^\s<>@\"',;:()\[\]]+")
+
+
+@dataclass
+class RelayReport:
+    """What one relay run did, by outbox row; ids, kinds and errors only - no addresses, safe to log."""
+
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    deferred: list[dict[str, Any]] = field(default_factory=list)
+    halted: str | None = None  # why the run stopped early (the transport is unreachable), else None
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    key: str
+    kind: str
+    recipient: str
+    context: dict[str, object]
+    message_id: str
+    attempts: int  # including the attempt this claim starts
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.key, "kind": self.kind, "message_id": self.message_id,
+                "attempts": self.attempts}
+
+
+def backoff(row_id: int, attempts: int) -> timedelta:
+    """Delay after the `attempts`-th failure: 1 min doubling, capped at 1 h, jittered to 50-100% by the row id."""
+    exponent = min(max(attempts - 1, 0), 20)
+    ceiling = min(BACKOFF_BASE.total_seconds() * 2**exponent, BACKOFF_CAP.total_seconds())
+    digest = hashlib.sha256(f"outbox:{row_id}:{attempts}".encode()).digest()
+    fraction = int.from_bytes(digest[:4], "big") / 2**32
+    return timedelta(seconds=round(ceiling * (0.5 + 0.5 * fraction), 3))
+
+
+def scrub(text: str, limit: int = 500) -> str:
+    """An error message fit for logs: anything shaped like an email address is replaced."""
+    return _ADDRESS_LIKE.sub("<address>", text)[:limit]
+
+
+def _claim(engine: Engine, now: datetime, lease: timedelta) -> _Claimed | None:
+    """The oldest due pending row, leased to this relay (attempts counted now); None when nothing is due."""
+    with unit_of_work(engine) as session:
+        row = session.scalars(
+            select(OutboxMessage)
+            .where(col(OutboxMessage.status) == "pending", col(OutboxMessage.next_attempt_at) <= now)
+            .order_by(col(OutboxMessage.id))
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None or row.id is None:
+            return None
+        row.attempts += 1
+        row.next_attempt_at = now + lease
+        return _Claimed(
+            id=row.id,
+            key=row.key,
+            kind=row.kind,
+            recipient=row.recipient,
+            context=dict(row.context),
+            message_id=row.message_id,
+            attempts=row.attempts,
+        )
+
+
+def _record(engine: Engine, row_id: int, **values: object) -> None:
+    """Record an outcome, unless someone already settled the row (then theirs stands)."""
+    with unit_of_work(engine) as session:
+        session.exec(
+            update(OutboxMessage)
+            .where(col(OutboxMessage.id) == row_id, col(OutboxMessage.status) == "pending")
+            .values(**values)
+        )
+
+
+def _retry_later(
+    engine: Engine, report: RelayReport, row: _Claimed, exc: BaseException, now: datetime, max_attempts: int
+) -> str:
+    """Back off (or, out of attempts, fail visibly); returns the logged error."""
+    error = scrub(f"{type(exc).__name__}: {exc}")
+    if row.attempts >= max_attempts:
+        _record(engine, row.id, status="failed", last_error=f"gave up after {row.attempts} attempts: {error}")
+        report.failed.append({**row.info(), "error": error})
+    else:
+        retry_at = now + backoff(row.id, row.attempts)
+        _record(engine, row.id, next_attempt_at=retry_at, last_error=error)
+        report.deferred.append({**row.info(), "error": error, "next_attempt_at": retry_at.isoformat()})
+    return error
+
+
+def relay(
+    engine: Engine,
+    transport: Transport,
+    *,
+    settings: Settings,
+    now: datetime,
+    limit: int = 100,
+    max_attempts: int = 8,
+    lease: timedelta = LEASE,
+) -> RelayReport:
+    """Send up to `limit` due outbox rows in id order; a row is marked sent only after its send succeeded."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    report = RelayReport()
+    for _ in range(limit):
+        row = _claim(engine, now, lease)
+        if row is None:
+            break
+        if row.attempts > max_attempts:  # earlier attempts died mid-send (crash): stop trying, visibly
+            error = f"gave up: {row.attempts - 1} attempts started, none recorded an outcome"
+            _record(engine, row.id, status="failed", last_error=error)
+            report.failed.append({**row.info(), "error": error})
+            continue
+        try:
+            msg = render(
+                row.kind,
+                row.context,
+                recipient=row.recipient,
+                message_id=row.message_id,
+                shop=settings.shop,
+                home=settings.home,
+                date=now,
+            )
+            transport.send(msg)
+        except PermanentError as exc:
+            # A missing label is the one render error worth waiting for: the PDF is written after the commit
+            # that queued this email, and the sweep re-renders labels a crash left missing.
+            if not isinstance(exc, AttachmentMissing):
+                error = scrub(f"{type(exc).__name__}: {exc}")
+                _record(engine, row.id, status="failed", last_error=error)
+                report.failed.append({**row.info(), "error": error})
+                continue
+            _retry_later(engine, report, row, exc, now, max_attempts)
+            continue
+        except Exception as exc:  # TransientError, or a bug: retried with backoff, then failed visibly
+            error = _retry_later(engine, report, row, exc, now, max_attempts)
+            if isinstance(exc, TransportUnavailable):  # every other row would fail the same way right now
+                report.halted = error
+                break
+            continue
+        _record(engine, row.id, status="sent", sent_at=now)
+        report.sent.append(row.info())
+    return report
