@@ -16,6 +16,7 @@ from models.tables import Customer, Order, OutboxMessage, Return
 from service import returns as svc
 from service.config import Settings
 from service.config import settings as load_settings
+from service.crashpoints import crash_point
 from service.db import engine_for, unit_of_work
 from service.gateway import Gateway, LedgerGateway
 from service.returns import Actor
@@ -56,7 +57,9 @@ class Pipeline:
     def request(self, req: ReturnRequestIn, now: datetime, actor: Actor) -> dict[str, Any]:
         """Store the decision (and RMA, outbox rows) in one transaction; idempotent per idempotency key."""
         with unit_of_work(self.engine) as session:
-            return svc.request_return(session, req, now, actor, self.policy, self.settings).as_dict()
+            out = svc.request_return(session, req, now, actor, self.policy, self.settings).as_dict()
+        crash_point("request.after-commit")
+        return out
 
     def lookup(self, order_number: str, idempotency_key: str) -> dict[str, Any] | None:
         """The stored outcome of the request made for this order with this idempotency key, if any."""
@@ -101,13 +104,17 @@ class Pipeline:
     def receive(self, receipt: ReceiptIn, now: datetime) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:
             ret = svc.receive(session, receipt, now, self.policy, self.settings)
-            return {"rma_number": ret.rma, "state": ret.state, "deadline": ret.deadline_at.isoformat()
-                    if ret.deadline_at else None}
+            out = {"rma_number": ret.rma, "state": ret.state, "deadline": ret.deadline_at.isoformat()
+                   if ret.deadline_at else None}
+        crash_point("receive.after-commit")
+        return out
 
     def claim(self, rma: str, now: datetime, actor: Actor) -> bool:
         """received -> processing under a lease (or re-take an expired lease); False if not ours to process."""
         with unit_of_work(self.engine) as session:
-            return svc.claim(session, rma, now, actor, self.policy) is not None
+            claimed = svc.claim(session, rma, now, actor, self.policy) is not None
+        crash_point("process.after-claim")
+        return claimed
 
     def plan_refund(self, rma: str) -> svc.PlannedRefund:
         with unit_of_work(self.engine) as session:
@@ -116,9 +123,12 @@ class Pipeline:
 
     def pay(self, plan: svc.PlannedRefund) -> dict[int, str]:
         """Call the gateway per allocation with keys derived from the RMA: a retry never pays twice."""
-        return {a.payment_id: self.gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
+        crash_point("process.before-pay")
+        paid = {a.payment_id: self.gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
                                                   amount_cents=int(a.amount * 100))
                 for a in plan.allocations}
+        crash_point("process.after-pay")
+        return paid
 
     def complete(self, rma: str, plan: svc.PlannedRefund, references: dict[int, str], now: datetime,
                  actor: Actor) -> dict[str, Any]:
@@ -127,8 +137,10 @@ class Pipeline:
             if ret.state != State.PROCESSING:
                 raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
             svc.complete(session, ret, plan, references, now, actor, self.settings)
-            return {"rma_number": ret.rma, "state": ret.state, "refund_total": str(plan.settlement.refund_total),
-                    "payments": [{"payment_id": a.payment_id, "amount": str(a.amount)} for a in plan.allocations]}
+            out = {"rma_number": ret.rma, "state": ret.state, "refund_total": str(plan.settlement.refund_total),
+                   "payments": [{"payment_id": a.payment_id, "amount": str(a.amount)} for a in plan.allocations]}
+        crash_point("process.after-commit")
+        return out
 
     def process(self, rma: str, now: datetime, actor: Actor) -> dict[str, Any] | None:
         """claim -> plan -> pay -> complete; None if the return is not (or no longer) ours to process."""
@@ -161,10 +173,12 @@ class Pipeline:
             return svc.sweep_candidates(session, as_of, self.policy, limit)
 
     def expire(self, rma: str, as_of: datetime) -> bool:
+        crash_point("sweep.mid")
         with unit_of_work(self.engine) as session:
             return svc.expire(session, rma, as_of, utcnow(), self.policy, self.settings)
 
     def escalate(self, rma: str, flag: Flag, as_of: datetime) -> bool:
+        crash_point("sweep.mid")
         with unit_of_work(self.engine) as session:
             return svc.escalate(session, rma, flag, as_of, utcnow(), self.policy, self.settings)
 
@@ -199,7 +213,7 @@ class Pipeline:
         from service.relay import relay
 
         report = relay(self.engine, transport_from_settings(self.settings), settings=self.settings, now=now)
-        return {"sent": report.sent, "failed": report.failed, "deferred": report.deferred}
+        return {"sent": report.sent, "failed": report.failed, "deferred": report.deferred, "halted": report.halted}
 
     def board(self, as_of: datetime) -> dict[str, Any]:
         """Counts per state, and the RMAs due soon, overdue and stuck at `as_of`."""
