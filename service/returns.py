@@ -119,6 +119,22 @@ def _order_for_request(session: Session, req: ReturnRequestIn) -> tuple[Order, C
     return order, customer
 
 
+def _lock_order(session: Session, number: str) -> None:
+    """Serialize the writers of one order on PostgreSQL, where two READ COMMITTED transactions would both see the
+    same units free (R11) or the same payment room (R10); SQLite's BEGIN IMMEDIATE already serializes writers."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Order.number).where(Order.number == number).with_for_update())
+
+
+def _another_in_processing(session: Session, ret: Return) -> bool:
+    """Whether another return of the same order is being processed. Its refunds share the order's payments (R10):
+    processing them one at a time keeps every plan's allocation from going stale under the other's completion."""
+    _lock_order(session, ret.order_number)
+    return session.scalars(select(Return.id).where(
+        Return.order_number == ret.order_number, Return.id != ret.id,
+        Return.state == str(State.PROCESSING))).first() is not None
+
+
 def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
     """Units of each order line already on open or completed returns (R11)."""
     if not order_line_ids:
@@ -317,6 +333,7 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
                    settings: Settings) -> RequestResult:
     """Decide and store a request; authorized ones get an RMA; a repeated idempotency key returns the first."""
     order, _ = _order_for_request(session, req)
+    _lock_order(session, order.number)  # concurrent requests for the last units: one wins, the other hears R11
     if req.idempotency_key:
         # Keys are scoped to the order (R13): another customer's key can neither collide nor reveal a return.
         prior = session.scalars(select(Return).where(Return.order_number == order.number,
@@ -431,6 +448,8 @@ def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Polic
     """Take the return for processing under a lease: received -> processing, or an expired lease re-taken."""
     ret = load_return(session, rma, for_update=True)
     lease = now + timedelta(minutes=policy.processing_lease_minutes)
+    if ret.state == State.RECEIVED and _another_in_processing(session, ret):
+        return None  # the sweep takes it once the other return of its order is done
     if ret.state == State.RECEIVED:
         transition(session, ret, State.PROCESSING, now, actor, {"lease_until": lease.isoformat()}, claimed_until=lease)
         return ret
@@ -471,8 +490,11 @@ class PlannedRefund:
 
 
 def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
-    """Compute the refund and its allocation; reads only."""
+    """Compute the refund and its allocation; reads only. StaleState unless the return is (still) processing: a plan
+    made after another worker completed it would allocate what is left on the payments, under the same keys."""
     assert ret.rma is not None
+    if ret.state != State.PROCESSING:
+        raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
     settlement = current_settlement(session, ret, policy)
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents), from_cents(p.refunded_cents),
                                  p.captured_at)
@@ -547,6 +569,8 @@ def settle_review(session: Session, rma: str, authorize: bool, note: str, by: st
         session.flush()
         _authorize(session, ret, now, actor, policy, settings, facts)
     else:
+        if _another_in_processing(session, ret):
+            raise StaleState(f"another return of order {ret.order_number} is being processed; try again shortly")
         transition(session, ret, State.PROCESSING, now, actor, facts,
                    claimed_until=now + timedelta(minutes=policy.processing_lease_minutes))
     return ret

@@ -118,7 +118,7 @@ class Pipeline:
 
     def plan_refund(self, rma: str) -> svc.PlannedRefund:
         with unit_of_work(self.engine) as session:
-            ret = svc.load_return(session, rma)
+            ret = svc.load_return(session, rma, for_update=True)  # a completion cannot land between state and payments
             return svc.plan_refund(session, ret, self.policy)
 
     def pay(self, plan: svc.PlannedRefund) -> dict[int, str]:
