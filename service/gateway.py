@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from models.errors import PermanentError
 from models.tables import GatewaySettlement
+from service.crashpoints import crash_point
 from service.db import unit_of_work
 
 
@@ -35,6 +36,7 @@ class LedgerGateway:
                                                   amount_cents=amount_cents, settled_at=datetime.now(UTC)))
             except IntegrityError:
                 pass  # a concurrent call with the same key won; read what it settled
+            crash_point("gateway.after-settle")
             existing = self._find(key)
         if existing is None:  # pragma: no cover - the insert above or a concurrent one must be visible
             raise PermanentError(f"gateway lost settlement {key}")

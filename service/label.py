@@ -53,6 +53,7 @@ from fpdf.fonts import SubsetMap, TTFFont
 from models.policy import DEFAULT_POLICY, Policy
 from models.rma import is_canonical
 from service.config import Shop
+from service.crashpoints import crash_point
 
 FONT_DIR = Path(__file__).resolve().parent.parent / "fonts"
 FAMILY = "ReturnsSans"
@@ -581,6 +582,7 @@ def write_label(label_dir: Path, rma: str, pdf: bytes) -> Path:
             f.write(pdf)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("label.during-write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from sqlmodel import col
 
 from models.errors import PermanentError
 from models.tables import OutboxMessage
+from service.crashpoints import crash_point
 from service.db import unit_of_work
 from service.mail import AttachmentMissing, Transport, TransportUnavailable, render
 
@@ -172,6 +173,7 @@ def relay(
                 report.halted = error
                 break
             continue
+        crash_point("relay.after-send")
         _record(engine, row.id, status="sent", sent_at=now)
         report.sent.append(row.info())
     return report
