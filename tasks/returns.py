@@ -60,7 +60,12 @@ def now() -> datetime:
 
 @task(name="store-decision", timeout_seconds=30, **RETRY)
 def store_decision(request: ReturnRequestIn) -> dict[str, Any]:
-    """Decide the request and store it with its RMA and outbox rows; idempotent per idempotency key."""
+    """Decide the request and store it with its RMA and outbox rows; idempotent per idempotency key (the flow run's
+    id when the caller sent none, so a retry after a lost commit reply replays instead of asking again: R11)."""
+    from prefect.runtime import flow_run
+
+    if request.idempotency_key is None and flow_run.id:
+        request = request.model_copy(update={"idempotency_key": f"flow-run-{flow_run.id}"})
     return pipeline().request(request, now(), actor("api"))
 
 
