@@ -1,0 +1,130 @@
+"""Runs pipeline stages in a process of its own, so the crash suite can SIGKILL it at a named crash point.
+
+    python -m tests.crash_driver '<json list of ops>'
+
+Environment: RETURNS_HOME, RETURNS_DATABASE_URL (the pipeline's), RETURNS_CRASH_AT (the crash point, optional),
+and for the `flow-*` ops PREFECT_HOME / PREFECT_API_URL (a real Prefect server the test started).
+
+Each op is a dict with "op" and its arguments; times are ISO strings. The bare ops drive service.steps.Pipeline
+the way the command line and the demo do (one stage = the steps a caller runs in a row); the `flow-*` ops run the
+Prefect flows of flows/returns.py. Every op's result is printed as one JSON line, so a surviving run can be read.
+The test process imports `run_op` to set up and resume with exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
+from service.returns import Actor
+from service.steps import Pipeline
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample"
+REQUESTS: dict[str, dict[str, Any]] = {
+    s["request"]["order_number"]: s["request"] for s in json.loads((SAMPLE / "requests.json").read_text("utf-8"))
+}
+
+
+def request_for(order: str, **changes: Any) -> ReturnRequestIn:
+    """The sample request for `order`, with an idempotency key (so a re-run replays it) unless one is given."""
+    body = REQUESTS[order] | {"idempotency_key": f"crash-{order}"} | changes
+    return parse(ReturnRequestIn, body)
+
+
+def receipt_for(rma: str, lines: list[dict[str, Any]], at: str) -> ReceiptIn:
+    return parse(ReceiptIn, {"rma": rma, "received_at": at, "lines": lines, "by": "dock"})
+
+
+def _t(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def run_op(p: Pipeline, op: dict[str, Any]) -> Any:
+    """One stage, as its caller runs it (and no more): the unit the crash suite kills and resumes."""
+    kind = op["op"]
+    if kind == "import":
+        return p.import_data(parse(ImportIn, op["data"]))
+    if kind == "request":  # storefront: decide + store, then the label, then the emails
+        out = p.request(request_for(op["order"], **op.get("changes", {})), _t(op["now"]), Actor("api"))
+        if out["state"] == "authorized" and op.get("label", True):
+            p.render_label(out["rma_number"])
+        if op.get("relay", True):
+            p.relay(_t(op["now"]))
+        return out
+    if kind == "receive":  # the dock: receipt, then processing at once, then the emails
+        now = _t(op["now"])
+        out = p.receive(receipt_for(op["rma"], op["lines"], op.get("received_at", op["now"])), now)
+        if out["state"] == "received" and op.get("process", True):
+            out = p.process(op["rma"], now, Actor("operator:dock")) or out
+        if op.get("relay", True):
+            p.relay(now)
+        return out
+    if kind == "process":  # an operator processes a received return
+        out = p.process(op["rma"], _t(op["now"]), Actor("api"))
+        if op.get("relay", True):
+            p.relay(_t(op["now"]))
+        return out
+    if kind == "review":  # an operator settles a review; after receipt that finishes the refund
+        now = _t(op["now"])
+        out = p.review(op["rma"], op.get("authorize", True), "checked", "ops", now)
+        if out["state"] == "authorized":
+            p.render_label(op["rma"])
+        elif out["state"] == "processing":
+            out = p.finish(op["rma"], now, Actor("operator:ops"))
+        if op.get("relay", True):
+            p.relay(now)
+        return out
+    if kind == "sweep":
+        out = p.sweep(_t(op["as_of"]))
+        if op.get("relay", True):
+            p.relay(_t(op["as_of"]))
+        return out
+    if kind == "relay":
+        return p.relay(_t(op["now"]))
+    if kind == "claim":
+        return p.claim(op["rma"], _t(op["now"]), Actor("api"))
+    if kind.startswith("flow-"):
+        return _run_flow(op)
+    raise ValueError(f"unknown op {kind}")
+
+
+def _run_flow(op: dict[str, Any]) -> Any:
+    """A stage flow under the Prefect server at PREFECT_API_URL, heartbeats off (PREFECT-NOTES.md)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows import returns as f
+    from tasks import returns as t
+
+    if op.get("clock_offset_minutes"):  # the flows read the clock in tasks.returns.now: move it past a lease
+        offset = timedelta(minutes=op["clock_offset_minutes"])
+        real_now = t.now
+        t.now = lambda: real_now() + offset  # type: ignore[assignment]
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        if op["op"] == "flow-request":
+            req = REQUESTS[op["order"]] | {"idempotency_key": f"crash-{op['order']}"}
+            return f.request_return(**{k: v for k, v in req.items() if k != "resolution"})
+        if op["op"] == "flow-receipt":
+            return f.record_receipt(rma=op["rma"], received_at=_t(op["received_at"]), lines=op["lines"], by="dock")
+        if op["op"] == "flow-sweep":
+            return f.deadline_sweep(as_of=_t(op["as_of"]) if op.get("as_of") else None)
+        if op["op"] == "flow-relay":
+            return f.outbox_relay()
+    raise ValueError(f"unknown flow op {op['op']}")
+
+
+def main(argv: list[str]) -> int:
+    ops = json.loads(argv[1])
+    p = Pipeline.from_env()
+    for op in ops:
+        out = run_op(p, op)
+        sys.stdout.write(json.dumps({"op": op["op"], "out": out}, default=str) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
