@@ -548,6 +548,21 @@ def complete(session: Session, ret: Return, plan: PlannedRefund, references: dic
     return ret
 
 
+def park(session: Session, rma: str, reason: str, now: datetime, actor: Actor, settings: Settings) -> bool:
+    """Processing that failed for good (the gateway refused the refund): processing -> review, and Customer Care is
+    told why, so an operator settles it instead of a sweep re-driving it into the same error every hour."""
+    ret = load_return(session, rma, for_update=True)
+    if ret.state != State.PROCESSING:
+        return False
+    parked = session.scalar(select(func.count()).select_from(Transition).where(
+        Transition.return_id == ret.id, Transition.from_state == str(State.PROCESSING),
+        Transition.to_state == str(State.REVIEW))) or 0
+    transition(session, ret, State.REVIEW, now, actor, {"error": reason}, claimed_until=None)
+    _email(session, ret, "review_needed", {"reasons": [reason]}, now, settings, to_care=True,
+           occasion=f"processing-{parked + 1}")  # one email per parking, even after an earlier review
+    return True
+
+
 # ---- operators -------------------------------------------------------------------------------------------
 
 

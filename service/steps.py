@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from models.errors import StaleState
+from models.errors import PermanentError, StaleState
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
@@ -190,14 +190,21 @@ class Pipeline:
         done["expired"] = [r for r in plan.expire if self.expire(r, as_of)]
         done["due_soon"] = [r for r in plan.due_soon if self.escalate(r, Flag.DUE_SOON, as_of)]
         done["overdue"] = [r for r in plan.overdue if self.escalate(r, Flag.OVERDUE, as_of)]
-        for rma in plan.redrive:
-            try:
-                if self.process(rma, as_of, actor) is not None:
-                    done["processed"].append(rma)
-            except StaleState:
-                continue  # another worker got there first
+        done["processed"] = [r for r in plan.redrive if self.redrive(r, as_of, actor)]
         done["labels"] = [r for r in self.missing_labels() if self.render_label(r)]
         return done
+
+    def redrive(self, rma: str, now: datetime, actor: Actor) -> bool:
+        """Process a return the sweep found stuck. A permanent failure (the gateway refused the refund) parks it in
+        review for an operator instead of aborting the sweep for every return behind it, hour after hour."""
+        try:
+            return self.process(rma, now, actor) is not None
+        except StaleState:
+            return False  # another worker got there first
+        except PermanentError as exc:
+            with unit_of_work(self.engine) as session:
+                svc.park(session, rma, str(exc), now, actor, self.settings)
+            return False
 
     def missing_labels(self) -> list[str]:
         """Authorized RMAs whose label file is not on disk (a crash between commit and render)."""

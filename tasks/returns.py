@@ -151,17 +151,9 @@ def escalate_deadlines(due_soon: list[str], overdue: list[str], as_of: datetime)
 
 @task(name="redrive-stuck", timeout_seconds=600, **RETRY)
 def redrive_stuck(rmas: list[str], as_of: datetime) -> list[str]:
-    """Finish returns left in received/processing past their lease (a crashed worker); pays at most once."""
-    from models.errors import StaleState
-
-    done = []
-    for rma in rmas:
-        try:
-            if pipeline().process(rma, now(), actor("sweep")) is not None:
-                done.append(rma)
-        except StaleState:
-            continue
-    return done
+    """Finish returns left in received/processing past their lease (a crashed worker); pays at most once; one the
+    gateway refuses for good is parked in review, not left to fail this task (and the sweep) every hour."""
+    return [rma for rma in rmas if pipeline().redrive(rma, now(), actor("sweep"))]
 
 
 @task(name="render-missing-labels", timeout_seconds=300, **RETRY)
