@@ -8,8 +8,11 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-# Printable text only: no control characters (they end up in PDFs, emails and logs).
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+from models.errors import InvalidInput
+
+# Printable text only: no control characters (they end up in PDFs, emails and logs), C1 and Unicode line breaks
+# included, nor the bidirectional overrides that make a name display as something else.
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Text = Annotated[str, StringConstraints(max_length=200, pattern=_PRINTABLE)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
@@ -122,7 +125,9 @@ class ReceiptIn(Strict):
 def explain(exc: ValidationError) -> str:
     """One line naming the first offending field, without echoing the (possibly huge or hostile) value."""
     err = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in err["loc"]) or "input"
+    # A location can be a key the sender made up: show it bounded and without control characters.
+    where = "".join(ch if ch.isprintable() else "?" for ch in ".".join(str(p) for p in err["loc"]))
+    where = (where if len(where) <= 60 else where[:57] + "...") or "input"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -139,5 +144,8 @@ def explain(exc: ValidationError) -> str:
 def parse(model: type[M], data: str | bytes | object) -> M:
     """Validate JSON text, or a JSON-shaped Python value, strictly; raises ValidationError."""
     if not isinstance(data, (str, bytes)):
-        data = json.dumps(data)
+        try:
+            data = json.dumps(data)
+        except (TypeError, ValueError, RecursionError) as exc:  # not JSON-shaped, or nested beyond reason
+            raise InvalidInput(f"input is not a JSON value ({type(exc).__name__})") from None
     return model.model_validate_json(data, strict=True)
