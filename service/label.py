@@ -588,6 +588,9 @@ def write_label(label_dir: Path, rma: str, pdf: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    # A crash in an earlier write (SIGKILL between write and rename) left its temp file, which holds an address.
+    for stale in path.parent.glob(f".{rma}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 

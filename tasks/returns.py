@@ -153,7 +153,9 @@ def escalate_deadlines(due_soon: list[str], overdue: list[str], as_of: datetime)
 def redrive_stuck(rmas: list[str], as_of: datetime) -> list[str]:
     """Finish returns left in received/processing past their lease (a crashed worker); pays at most once; one the
     gateway refuses for good is parked in review, not left to fail this task (and the sweep) every hour."""
-    return [rma for rma in rmas if pipeline().redrive(rma, now(), actor("sweep"))]
+    # The lease is judged at as_of, as the candidates were (the same as Pipeline.sweep): a replayed sweep re-drives
+    # what it found stuck.
+    return [rma for rma in rmas if pipeline().redrive(rma, as_of, actor("sweep"))]
 
 
 @task(name="render-missing-labels", timeout_seconds=300, **RETRY)
