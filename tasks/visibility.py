@@ -34,7 +34,8 @@ def return_markdown(shown: dict[str, Any]) -> str:
         f"Refund total **${shown['refund_total']}**"
         + (f" | RMA valid until {shown['rma_valid_until'][:10]}" if shown.get("rma_valid_until") else "")
         + (f" | received {shown['received_at'][:16]}" if shown.get("received_at") else "")
-        + (f" | deadline **{shown['deadline'][:16]}** ({shown['deadline_flag']})" if shown.get("deadline") else ""),
+        + (f" | deadline **{shown['deadline'][:16]}**" if shown.get("deadline") else "")
+        + (f" ({shown['deadline_flag']})" if shown.get("deadline_flag") else ""),  # None once the return is closed
         "",
         "| sku | qty | decision | clauses | refund | fee | received (u/o/d/m) | settled | note |",
         "|---|---|---|---|---|---|---|---|---|",
