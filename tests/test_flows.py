@@ -313,6 +313,7 @@ def test_a_receipt_completes_the_return_with_its_refund(shop: Pipeline) -> None:
                                       "send-outbox", "publish-return"}
     art = artifact(f"return-{rma.lower()}")
     assert f"# {rma} - completed" in art.data and "$72.76" in art.data
+    assert "(None)" not in art.data  # a closed return has a deadline but no deadline flag
     assert events_about(rma, {"returns.received", "returns.processing", "returns.completed"})
 
 
