@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -151,13 +152,18 @@ def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[Pref
         os.environ.update(prefect_env(prefect_home))
     else:
         os.environ.setdefault("PREFECT_API_URL", api_url)
+    # A supervisor (or `kill`) stops us with SIGTERM: unwind through the `finally` below, or the server started
+    # here, which runs in its own session, outlives us and keeps the port.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     stop = threading.Event()
     server_thread = threading.Thread(target=serve, kwargs={"poll_seconds": poll_seconds, "until": stop.is_set},
                                      name="returns-serve", daemon=True)
     server_thread.start()
     api = PrefectApi(api_url, os.environ.get("PREFECT_API_AUTH_STRING"))
-    _wait_for_deployments(api)
     try:
+        _wait_for_deployments(api)
         yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), stop)
     finally:
         stop.set()
@@ -165,6 +171,12 @@ def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[Pref
         drain_prefect_workers()
         if proc is not None:
             stop_server(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait_for_deployments(api: PrefectApi, timeout: float = 60.0) -> None:
