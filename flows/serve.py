@@ -27,6 +27,8 @@ from uuid import UUID
 
 import httpx
 
+from service.redact import install_redaction
+
 log = logging.getLogger("returns.serve")
 
 PREFECT_PORT = int(os.environ.get("RETURNS_PREFECT_PORT", "4200"))
@@ -221,6 +223,7 @@ def serve(poll_seconds: float = 0.1, workers: int = 4, until: Callable[[], bool]
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
+    install_redaction()  # Prefect ships run logs to its API and UI: no email addresses or phone numbers in them
     # Heartbeats cost ~1 s per run (the engine joins the heartbeat thread); the returns database, not the
     # heartbeat, is what re-drives a crashed run (the sweep's lease).
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
 from models.rma import parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
+from service.redact import install_redaction
 
 MAX_INPUT_BYTES = 20 * 1024 * 1024
 EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TRANSIENT, EXIT_INTERNAL = 2, 3, 75, 70
@@ -178,6 +179,7 @@ def ensure_schema(pipeline: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 0 on success, 2 bad input, 3 not found, 75 try again, 70 internal error."""
+    install_redaction()
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
