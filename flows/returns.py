@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, Field
 
 from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
 from tasks import returns as t
@@ -48,9 +48,18 @@ def _process(rma: str, who: str) -> dict[str, Any] | None:
 
 
 @flow(name="record-receipt", flow_run_name="receipt-{rma}", **FLOW_OPTIONS)
-def record_receipt(rma: str, received_at: AwareDatetime, lines: list[ReceiptLineIn], by: str = "dock") -> dict[str, Any]:
+def record_receipt(
+    rma: Annotated[str, Field(description="The RMA number written on the box, e.g. RMA-7K2QMXP")],
+    lines: Annotated[list[ReceiptLineIn], Field(
+        description="One entry per SKU on the RMA (see the return's artifact): how many units arrived unopened, "
+                    "opened, damaged, or are missing; they must add up to the units on the RMA")],
+    received_at: Annotated[AwareDatetime | None, Field(
+        description="When the parcel arrived; leave empty for now")] = None,
+    by: Annotated[str, Field(description="Who at the dock logged it")] = "dock",
+) -> dict[str, Any]:
     """receipt at Lantana (per-unit condition) -> 10-day clock -> processing starts at once -> emails."""
-    receipt = parse(ReceiptIn, {"rma": rma, "received_at": received_at.isoformat(), "by": by,
+    arrived = received_at or t.now()
+    receipt = parse(ReceiptIn, {"rma": rma, "received_at": arrived.isoformat(), "by": by,
                                 "lines": [ln.model_dump() if isinstance(ln, ReceiptLineIn) else ln for ln in lines]})
     out = t.record_receipt(receipt)
     if out["state"] == "received":

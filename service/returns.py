@@ -397,7 +397,8 @@ def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool
     return pol.settle(policy, authorized, counts, pol.Resolution(ret.resolution), approved)
 
 
-def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy, settings: Settings) -> Return:
+def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy, settings: Settings,
+            flow_run_id: str | None = None) -> Return:
     """Log a parcel at Lantana with per-unit condition; starts the 10-day clock (P8, R9); may send it to review."""
     ret = load_return(session, receipt.rma, for_update=True)
     if ret.state != State.AUTHORIZED:
@@ -425,7 +426,7 @@ def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy,
         raise InvalidInput(f"receipt has no counts for sku(s) {', '.join(sorted(set(lines) - seen))}")
     session.flush()
     deadline = policy.processing_deadline(receipt.received_at)
-    actor = Actor(f"operator:{receipt.by}")
+    actor = Actor(f"operator:{receipt.by}", flow_run_id)
     transition(session, ret, State.RECEIVED, now, actor,
                {"counts": {rl.sku: rl.model_dump(exclude={"sku"}) for rl in receipt.lines}},
                received_at=receipt.received_at, deadline_at=deadline)
@@ -569,13 +570,13 @@ def park(session: Session, rma: str, reason: str, now: datetime, actor: Actor, s
 
 
 def settle_review(session: Session, rma: str, authorize: bool, note: str, by: str, now: datetime, policy: Policy,
-                  settings: Settings) -> Return:
+                  settings: Settings, flow_run_id: str | None = None) -> Return:
     """An operator settles a return in review: before receipt it is authorized (RMA issued) or declined; after
     receipt an authorize sends it to processing with the flagged units settled as sound."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.REVIEW:
         raise InvalidInput(f"{ret.rma} is '{ret.state}', not in review")
-    actor = Actor(f"operator:{by}")
+    actor = Actor(f"operator:{by}", flow_run_id)
     facts = {"note": note, "authorize": authorize}
     if not authorize:
         _decline(session, ret, now, actor, settings, facts, f"Declined after review: {note}")
@@ -593,12 +594,12 @@ def settle_review(session: Session, rma: str, authorize: bool, note: str, by: st
     return ret
 
 
-def cancel(session: Session, rma: str, note: str, by: str, now: datetime) -> Return:
+def cancel(session: Session, rma: str, note: str, by: str, now: datetime, flow_run_id: str | None = None) -> Return:
     """Withdraw an authorized return (customer or operator); its units become returnable again (R11)."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED:
         raise InvalidInput(f"{ret.rma} is '{ret.state}'; only an authorized return awaiting its parcel can be cancelled")
-    transition(session, ret, State.CANCELLED, now, Actor(f"operator:{by}"), {"note": note})
+    transition(session, ret, State.CANCELLED, now, Actor(f"operator:{by}", flow_run_id), {"note": note})
     return ret
 
 
@@ -640,12 +641,13 @@ def sweep_candidates(session: Session, as_of: datetime, policy: Policy, limit: i
     )
 
 
-def expire(session: Session, rma: str, as_of: datetime, now: datetime, policy: Policy, settings: Settings) -> bool:
+def expire(session: Session, rma: str, as_of: datetime, now: datetime, policy: Policy, settings: Settings,
+           flow_run_id: str | None = None) -> bool:
     """R8: an authorized RMA past its validity at `as_of` expires (recorded at `now`); the customer is told."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED or ret.rma_expires_at is None or ret.rma_expires_at > as_of:
         return False
-    transition(session, ret, State.EXPIRED, now, Actor("sweep"),
+    transition(session, ret, State.EXPIRED, now, Actor("sweep", flow_run_id),
                {"valid_until": ret.rma_expires_at.isoformat(), "as_of": as_of.isoformat()})
     _email(session, ret, "expired", {"valid_until": policy.local_date(ret.rma_expires_at).isoformat()}, now, settings)
     return True

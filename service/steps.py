@@ -101,9 +101,9 @@ class Pipeline:
         )
         return str(write_label(self.settings.label_dir, rma, render_label(data, self.settings.shop, policy=self.policy)))
 
-    def receive(self, receipt: ReceiptIn, now: datetime) -> dict[str, Any]:
+    def receive(self, receipt: ReceiptIn, now: datetime, flow_run_id: str | None = None) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:
-            ret = svc.receive(session, receipt, now, self.policy, self.settings)
+            ret = svc.receive(session, receipt, now, self.policy, self.settings, flow_run_id)
             out = {"rma_number": ret.rma, "state": ret.state, "deadline": ret.deadline_at.isoformat()
                    if ret.deadline_at else None}
         crash_point("receive.after-commit")
@@ -154,14 +154,15 @@ class Pipeline:
         references = self.pay(plan)
         return self.complete(rma, plan, references, now, actor)
 
-    def review(self, rma: str, authorize: bool, note: str, by: str, now: datetime) -> dict[str, Any]:
+    def review(self, rma: str, authorize: bool, note: str, by: str, now: datetime,
+               flow_run_id: str | None = None) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:
-            ret = svc.settle_review(session, rma, authorize, note, by, now, self.policy, self.settings)
+            ret = svc.settle_review(session, rma, authorize, note, by, now, self.policy, self.settings, flow_run_id)
             return {"rma_number": ret.rma, "state": ret.state}
 
-    def cancel(self, rma: str, note: str, by: str, now: datetime) -> dict[str, Any]:
+    def cancel(self, rma: str, note: str, by: str, now: datetime, flow_run_id: str | None = None) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:
-            ret = svc.cancel(session, rma, note, by, now)
+            ret = svc.cancel(session, rma, note, by, now, flow_run_id)
             return {"rma_number": ret.rma, "state": ret.state}
 
     def show(self, rma: str, now: datetime) -> dict[str, Any]:
@@ -172,10 +173,10 @@ class Pipeline:
         with unit_of_work(self.engine) as session:
             return svc.sweep_candidates(session, as_of, self.policy, limit)
 
-    def expire(self, rma: str, as_of: datetime) -> bool:
+    def expire(self, rma: str, as_of: datetime, flow_run_id: str | None = None) -> bool:
         crash_point("sweep.mid")
         with unit_of_work(self.engine) as session:
-            return svc.expire(session, rma, as_of, utcnow(), self.policy, self.settings)
+            return svc.expire(session, rma, as_of, utcnow(), self.policy, self.settings, flow_run_id)
 
     def escalate(self, rma: str, flag: Flag, as_of: datetime) -> bool:
         crash_point("sweep.mid")

@@ -25,11 +25,16 @@ def pipeline() -> Pipeline:
     return Pipeline.from_env()
 
 
-def actor(name: str) -> Actor:
-    """The actor for the audit row, carrying the current Prefect flow run id."""
+def run_id() -> str | None:
+    """The current Prefect flow run's id, for the audit rows this run writes."""
     from prefect.runtime import flow_run
 
-    return Actor(name, str(flow_run.id) if flow_run.id else None)
+    return str(flow_run.id) if flow_run.id else None
+
+
+def actor(name: str) -> Actor:
+    """The actor for the audit row, carrying the current Prefect flow run id."""
+    return Actor(name, run_id())
 
 
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -78,7 +83,7 @@ def render_label(rma: str) -> str | None:
 @task(name="record-receipt", timeout_seconds=30, **RETRY)
 def record_receipt(receipt: ReceiptIn) -> dict[str, Any]:
     """Log the parcel with per-unit condition and start the 10-day clock (P8)."""
-    return pipeline().receive(receipt, now())
+    return pipeline().receive(receipt, now(), run_id())
 
 
 @task(name="claim-return", timeout_seconds=30, **RETRY)
@@ -107,13 +112,13 @@ def complete_return(rma: str, paid: dict[str, Any], who: str = "api") -> dict[st
 @task(name="settle-review", timeout_seconds=30, **RETRY)
 def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
     """An operator's decision on a return in review."""
-    return pipeline().review(rma, authorize, note, by, now())
+    return pipeline().review(rma, authorize, note, by, now(), run_id())
 
 
 @task(name="cancel-return", timeout_seconds=30, **RETRY)
 def cancel_return(rma: str, note: str, by: str) -> dict[str, Any]:
     """Withdraw an authorized return."""
-    return pipeline().cancel(rma, note, by, now())
+    return pipeline().cancel(rma, note, by, now(), run_id())
 
 
 @task(name="send-outbox", timeout_seconds=120, **RETRY)
@@ -138,7 +143,7 @@ def plan_sweep(as_of: datetime) -> dict[str, list[str]]:
 @task(name="expire-rmas", timeout_seconds=300, **RETRY)
 def expire_rmas(rmas: list[str], as_of: datetime) -> list[str]:
     """R8: expire each lapsed RMA in its own short transaction (a retry skips the done ones)."""
-    return [r for r in rmas if pipeline().expire(r, as_of)]
+    return [r for r in rmas if pipeline().expire(r, as_of, run_id())]
 
 
 @task(name="escalate-deadlines", timeout_seconds=300, **RETRY)
@@ -178,4 +183,4 @@ def publish_board(as_of: datetime) -> dict[str, Any]:
 @task(name="publish-return", timeout_seconds=30, cache_policy=NO_CACHE, persist_result=False)
 def publish(rma: str) -> None:
     """Refresh the return's artifact and emit an event per new transition."""
-    publish_return(pipeline(), rma)
+    publish_return(pipeline(), rma, run_id())

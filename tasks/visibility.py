@@ -56,21 +56,28 @@ def return_markdown(shown: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def publish_return(pipeline: Pipeline, rma: str) -> None:
-    """Write the return's artifact (a new version under its stable key) and emit its transitions as events."""
+def publish_return(pipeline: Pipeline, rma: str, flow_run_id: str | None = None) -> None:
+    """Write the return's artifact (a new version under its stable key) and emit its transitions as events:
+    those `flow_run_id` made when given (each run publishes its own), else all; and a due-soon/overdue flag."""
     shown = pipeline.show(rma, utcnow())
     create_markdown_artifact(key=artifact_key(rma), markdown=return_markdown(shown),
                              description=f"Return {rma} for order {shown['order_number']}")
+    resource = {"prefect.resource.id": f"returns.rma.{rma}", "prefect.resource.name": rma,
+                "returns.order": shown["order_number"]}
     for i, t in enumerate(shown["timeline"]):
+        if flow_run_id and t["flow_run_id"] != flow_run_id:
+            continue
         # A deterministic id per transition: publishing again does not duplicate the event.
         emit_event(
-            event=f"returns.{t['to']}",
-            resource={"prefect.resource.id": f"returns.rma.{rma}", "prefect.resource.name": rma,
-                      "returns.order": shown["order_number"]},
-            occurred=datetime.fromisoformat(t["at"]),
+            event=f"returns.{t['to']}", resource=resource, occurred=datetime.fromisoformat(t["at"]),
             payload={"from": t["from"], "to": t["to"], "actor": t["actor"], "flow_run_id": t["flow_run_id"]},
             id=uuid.uuid5(EVENT_NAMESPACE, f"{rma}:{i}:{t['to']}:{t['at']}"),
         )
+    if shown.get("deadline_flag") in ("due_soon", "overdue"):
+        # R9 flags are not states, but automations must be able to act on a deadline breach.
+        emit_event(event=f"returns.{shown['deadline_flag']}", resource=resource,
+                   payload={"deadline": shown["deadline"], "state": shown["state"]},
+                   id=uuid.uuid5(EVENT_NAMESPACE, f"{rma}:{shown['deadline_flag']}:{shown['deadline']}"))
 
 
 def board_markdown(board: dict[str, Any]) -> str:

@@ -308,7 +308,7 @@ def test_a_receipt_completes_the_return_with_its_refund(shop: Pipeline) -> None:
     assert [(a, b, who) for a, b, who, _ in audit(shop, rma)][2:] == [
         ("authorized", "received", "operator:lantana-dock"), ("received", "processing", "operator:lantana-dock"),
         ("processing", "completed", "operator:lantana-dock")]
-    assert {r for *_, r in audit(shop, rma)[3:]} == {str(run_id)}  # the received row: see the xfail below
+    assert {r for *_, r in audit(shop, rma)[2:]} == {str(run_id)}  # received, processing, completed
     assert set(task_runs(run_id)) == {"record-receipt", "claim-return", "pay-refund", "complete-return",
                                       "send-outbox", "publish-return"}
     art = artifact(f"return-{rma.lower()}")
@@ -428,10 +428,6 @@ def test_settling_a_return_that_is_not_in_review_fails_and_changes_nothing(shop:
 
 
 @pytest.mark.parametrize("stage", ["receipt", "review", "cancel", "expire"])
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: service/returns.py receive(), settle_review(), cancel() and expire() build Actor(name) without the flow "
-    "run id, so their audit rows have flow_run_id NULL (DESIGN.md: every transition's audit row carries the Prefect "
-    "flow-run id); the request, claim and complete rows have it"))
 def test_every_audit_row_carries_the_flow_run_that_made_it(shop: Pipeline, stage: str) -> None:
     order = {"receipt": "IS-1001", "review": "IS-1006", "cancel": "IS-1001", "expire": "IS-1008"}[stage]
     rma = run(f.request_return, **request(order))[0].result()["rma_number"]
