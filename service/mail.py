@@ -337,7 +337,8 @@ class FileTransport:
         tmp = self.mail_dir / f".{target.name}.{uuid.uuid4().hex}.tmp"
         try:
             self.mail_dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
+            # 0600 like the labels: a spooled message holds the customer's name and address.
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -19,6 +19,7 @@ from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import TERMINAL, State, check_transition
 from models.tables import (
     Customer,
+    GatewaySettlement,
     Order,
     OrderLine,
     OutboxMessage,
@@ -499,9 +500,17 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
     if ret.state != State.PROCESSING:
         raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
     settlement = current_settlement(session, ret, policy)
-    payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents), from_cents(p.refunded_cents),
-                                 p.captured_at)
-                for p in session.scalars(select(Payment).where(Payment.order_number == ret.order_number))]
+    rows = list(session.scalars(select(Payment).where(Payment.order_number == ret.order_number)))
+    # What the gateway already paid under other returns' keys, recorded or not: a return parked after a partial
+    # payout (its refund row never written) must still use up that payment's room, or a sibling could pay it again.
+    paid_elsewhere = dict(session.execute(
+        select(GatewaySettlement.payment_id, func.sum(GatewaySettlement.amount_cents))
+        .where(GatewaySettlement.payment_id.in_([p.id for p in rows]),  # type: ignore[attr-defined]
+               ~GatewaySettlement.idempotency_key.startswith(f"refund:{ret.rma}:"))  # type: ignore[attr-defined]
+        .group_by(GatewaySettlement.payment_id)).all())
+    payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents),
+                                 from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)))), p.captured_at)
+                for p in rows]
     return PlannedRefund(ret.rma, settlement, pol.allocate_refund(settlement.refund_total, payments))
 
 

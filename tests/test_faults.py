@@ -39,7 +39,8 @@ from sqlalchemy.orm import Session
 
 import service.returns as svc
 from models.errors import PermanentError, TransientError
-from models.tables import GatewaySettlement, OutboxMessage, Refund, Return, Transition
+from models.schemas import ReceiptIn, ReturnRequestIn, parse
+from models.tables import GatewaySettlement, OutboxMessage, Payment, Refund, Return, Transition
 from service.config import load_settings
 from service.db import engine_for, make_engine, unit_of_work, upgrade
 from service.gateway import LedgerGateway
@@ -522,6 +523,62 @@ def test_gateway_refusing_for_good_parks_the_return_in_review_and_the_sweep_goes
     assert p.finish(a, AFTER_LEASE + timedelta(hours=2), Actor("operator:ops"))["state"] == "completed"
     p.relay(AFTER_LEASE + timedelta(hours=2))
     assert one(p, GatewaySettlement) == 2 and one(p, Refund) == 2
+    settled(p, p.settings.home / "mail")
+
+
+class RefusesOnePayment:
+    """The real ledger, except that one payment's refunds under one RMA are refused for good."""
+
+    def __init__(self, inner: LedgerGateway, rma: str, payment_id: int) -> None:
+        self.inner, self.rma, self.payment_id = inner, rma, payment_id
+
+    def refund(self, *, key: str, payment_id: int, amount_cents: int) -> str:
+        if key == f"refund:{self.rma}:{payment_id}" and payment_id == self.payment_id:
+            raise PermanentError("the card issuer declined the refund")
+        return self.inner.refund(key=key, payment_id=payment_id, amount_cents=amount_cents)
+
+
+def test_a_return_parked_after_a_partial_payout_still_holds_that_payments_room(tmp_path: Path, db_url: str) -> None:
+    """A paid on one payment, then was refused on the other and parked: its payout is not recorded as a refund, yet
+    a sibling return of the same order must not be paid from the same room again (R10: never beyond the capture)."""
+    p = pipeline_at(tmp_path, db_url)
+    placed = (NOW - timedelta(days=10)).isoformat()
+    run_op(p, {"op": "import", "data": {"orders": [{
+        "number": "IS-9001", "account": "ACC-1001", "channel": "direct", "placed_at": placed,
+        "delivered_at": (NOW - timedelta(days=7)).isoformat(),
+        "lines": [{"sku": "VC-SERUM-30", "quantity": 1, "unit_price": "60.00", "unit_tax": "0.00"},
+                  {"sku": "CL-FACIAL-CLN", "quantity": 1, "unit_price": "60.00", "unit_tax": "0.00"}],
+        "payments": [{"method": "visa", "amount": "70.00", "last4": "4242", "captured_at": placed},
+                     {"method": "paypal", "amount": "50.00", "captured_at": (NOW - timedelta(days=9)).isoformat()}],
+    }]}})
+    email = "zoe.lukasiewicz@example.com"
+    rmas = {}
+    for sku in ("VC-SERUM-30", "CL-FACIAL-CLN"):
+        req = {"order_number": "IS-9001", "email": email, "reason": "unwanted",
+               "lines": [{"sku": sku, "quantity": 1, "unopened": True}]}
+        rmas[sku] = p.request(parse(ReturnRequestIn, req), NOW, Actor("api"))["rma_number"]
+        p.render_label(rmas[sku])
+        p.receive(parse(ReceiptIn, {"rma": rmas[sku], "received_at": LATER.isoformat(),
+                                    "lines": [{"sku": sku, "unopened": 1}]}), LATER)
+    a, b = rmas["VC-SERUM-30"], rmas["CL-FACIAL-CLN"]
+    with unit_of_work(p.engine) as s:
+        visa = s.scalars(select(Payment.id).where(Payment.order_number == "IS-9001", Payment.method == "visa")).one()
+    real = p.gateway
+    p.gateway = RefusesOnePayment(real, a, visa)  # type: ignore[arg-type]
+    assert p.redrive(a, LATER, Actor("sweep")) is False  # paid $50 to paypal, refused $10 on visa: parked
+    assert state_of(p, a) == "review"
+    p.gateway = real
+    assert p.process(b, LATER, Actor("api")) is not None  # b must not touch paypal's room, which a used up
+    with unit_of_work(p.engine) as s:
+        paid = dict(s.execute(select(GatewaySettlement.payment_id, func.sum(GatewaySettlement.amount_cents))
+                              .group_by(GatewaySettlement.payment_id)).all())
+        captured = dict(s.execute(select(Payment.id, Payment.amount_cents)
+                                  .where(Payment.order_number == "IS-9001")).all())
+    assert all(paid[pid] <= captured[pid] for pid in paid), (paid, captured)
+    # the operator settles a; it is paid the rest, exactly once per key
+    assert p.review(a, True, "card fixed", "ops", LATER)["state"] == "processing"
+    assert p.finish(a, LATER, Actor("operator:ops"))["state"] == "completed"
+    p.relay(LATER)
     settled(p, p.settings.home / "mail")
 
 
