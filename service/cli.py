@@ -116,6 +116,14 @@ def run(argv: list[str]) -> int:
         from service.demo import run_demo
 
         return run_demo(exit_when_done=args.exit_when_done, in_process=args.in_process)
+    # Every input is read and validated before the database is touched: a refused command writes nothing,
+    # not even a fresh database.
+    schemas = {"import": ImportIn, "quote": ReturnRequestIn, "request": ReturnRequestIn, "receive": ReceiptIn}
+    payload: Any = parse(schemas[args.cmd], _read(args.file)) if args.cmd in schemas else None
+    rma = parse_rma(args.rma) if getattr(args, "rma", None) is not None else None
+    note = _note(args.note) if getattr(args, "note", None) is not None else None
+    by = _operator(args.by) if getattr(args, "by", None) is not None else None
+    as_of = (_time(args.as_of, "--as-of") or now) if args.cmd == "sweep" else now
     pipeline = Pipeline.from_env()
     if args.cmd == "db":
         from service.db import upgrade
@@ -124,46 +132,39 @@ def run(argv: list[str]) -> int:
         _print({"upgraded": True})
         return 0
     ensure_schema(pipeline)
-    relay_after = False
-    actions: dict[str, Callable[[], Any]] = {
-        "import": lambda: pipeline.import_data(parse(ImportIn, _read(args.file))),
-        "quote": lambda: pipeline.quote(parse(ReturnRequestIn, _read(args.file)), now),
-        "show": lambda: pipeline.show(parse_rma(args.rma), now),
+    reads: dict[str, Callable[[], Any]] = {
+        "import": lambda: pipeline.import_data(payload),
+        "quote": lambda: pipeline.quote(payload, now),
+        "show": lambda: pipeline.show(rma, now),
         "relay": lambda: pipeline.relay(now),
     }
-    if args.cmd in actions:
-        _print(actions[args.cmd]())
+    if args.cmd in reads:
+        _print(reads[args.cmd]())
         return 0
-    relay_after = True
     if args.cmd == "request":
-        req = parse(ReturnRequestIn, _read(args.file))
-        out = pipeline.request(req, now, Actor("api"))
+        out = pipeline.request(payload, now, Actor("api"))
         if out.get("rma_number") and out["state"] == "authorized":
             pipeline.render_label(out["rma_number"])
     elif args.cmd == "receive":
-        out = pipeline.receive(parse(ReceiptIn, _read(args.file)), now)
+        out = pipeline.receive(payload, now)
     elif args.cmd == "process":
-        rma = parse_rma(args.rma)
         out = pipeline.process(rma, now, Actor("cli"))
         if out is None:
             raise InvalidInput(f"{rma} is not waiting to be processed (see `returns show {rma}`)")
     elif args.cmd == "sweep":
-        as_of = _time(args.as_of, "--as-of") or now
         out = {"as_of": as_of.isoformat()} | pipeline.sweep(as_of)
         out["board"] = pipeline.board(as_of)
     elif args.cmd == "review":
-        out = pipeline.review(parse_rma(args.rma), args.authorize, _note(args.note), _operator(args.by), now)
+        out = pipeline.review(rma, args.authorize, note, by, now)
         if out["state"] == "authorized":
             pipeline.render_label(out["rma_number"])
         elif out["state"] == "processing":
-            out = pipeline.finish(out["rma_number"], now, Actor(f"operator:{args.by}"))
+            out = pipeline.finish(out["rma_number"], now, Actor(f"operator:{by}"))
     elif args.cmd == "cancel":
-        out = pipeline.cancel(parse_rma(args.rma), _note(args.note), _operator(args.by), now)
+        out = pipeline.cancel(rma, note, by, now)
     else:  # pragma: no cover - argparse restricts the choices
         raise InvalidInput(f"unknown command {args.cmd}")
-    if relay_after:
-        out = dict(out) | {"emails": pipeline.relay(now)}
-    _print(out)
+    _print(dict(out) | {"emails": pipeline.relay(now)})
     return 0
 
 

@@ -336,3 +336,17 @@ def test_bad_command_fails_cleanly_and_writes_nothing(
     result = cli(home, *args, stdin=stdin, now=now or NOW)
     assert_clean_failure(result, 2, message)
     assert row_counts(home) == before
+
+
+@pytest.mark.parametrize("args,stdin", [
+    (("request", "-"), "{not json"),
+    (("receive", "-"), '{"rma": "RMA-1", "received_at": "2026-11-24T11:00:00", "lines": []}'),
+    (("show", "RMA-../../x"), None),
+    (("review", "RMA-7K2QMXP", "--authorize", "--note", "ok", "--by", "a\x01b"), None),
+])
+def test_a_refused_command_on_a_fresh_home_creates_nothing(tmp_path: Path, args: tuple[str, ...],
+                                                           stdin: str | None) -> None:
+    home = tmp_path / "fresh"
+    result = cli(home, *args, stdin=stdin)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not home.exists() or not any(home.iterdir()), sorted(p.name for p in home.rglob("*"))
