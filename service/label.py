@@ -34,8 +34,6 @@ font has no glyph for becomes "?" (we check the font's cmap; fpdf2 would otherwi
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import unicodedata
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from models.policy import DEFAULT_POLICY, Policy
 from models.rma import is_canonical
 from service.config import Shop
 from service.crashpoints import crash_point
+from service.files import write_atomic
 
 FONT_DIR = Path(__file__).resolve().parent.parent / "fonts"
 FAMILY = "ReturnsSans"
@@ -569,40 +568,5 @@ def label_path(label_dir: Path, rma: str) -> Path:
 
 
 def write_label(label_dir: Path, rma: str, pdf: bytes) -> Path:
-    """Write the PDF atomically: a temp file in the same directory, fsync, then os.replace.
-
-    Readers see either no file or the complete one, never a partial PDF; a crash leaves at most a
-    dot-prefixed temp file, which is removed here on any error we see.
-    """
-    path = label_path(label_dir, rma)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{rma}.", suffix=".tmp")  # 0600: it holds an address
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pdf)
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point("label.during-write")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    # A crash in an earlier write (SIGKILL between write and rename) left its temp file, which holds an address.
-    for stale in path.parent.glob(f".{rma}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); not supported everywhere, so best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write the PDF atomically at its confined path (owner-only: it holds an address)."""
+    return write_atomic(label_path(label_dir, rma), pdf, before_rename=lambda: crash_point("label.during-write"))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import smtplib
 import ssl
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -25,6 +23,7 @@ from markupsafe import Markup
 from models.errors import PermanentError, TransientError
 from models.money import format_usd
 from models.policy import DEFAULT_POLICY
+from service.files import write_atomic
 from service.outbox import KINDS
 
 if TYPE_CHECKING:
@@ -333,34 +332,10 @@ class FileTransport:
         if not message_id:
             raise PermanentMailError("message has no Message-ID")
         data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-        target = self.path_for(str(message_id))
-        tmp = self.mail_dir / f".{target.name}.{uuid.uuid4().hex}.tmp"
         try:
-            self.mail_dir.mkdir(parents=True, exist_ok=True)
-            # 0600 like the labels: a spooled message holds the customer's name and address.
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(self.mail_dir)
+            write_atomic(self.path_for(str(message_id)), data)  # same Message-ID, same file: a resend overwrites
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             raise TransientMailError(f"cannot write the mail spool: {type(exc).__name__}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 _TRUE = {"1", "true", "yes", "on"}
