@@ -16,9 +16,11 @@ _PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Text = Annotated[str, StringConstraints(max_length=200, pattern=_PRINTABLE)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
-Email = Annotated[str, StringConstraints(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f\x7f<>,;]+@[^@\s\x00-\x1f\x7f<>,;]+$")]
+_ADDRESS = r"^[^@\s\x00-\x1f\x7f<>,;]+@[^@\s\x00-\x1f\x7f<>,;]+$"
+Email = Annotated[str, StringConstraints(min_length=3, max_length=254, pattern=_ADDRESS)]
 Money = Annotated[str, StringConstraints(max_length=16, pattern=r"^\d{1,7}(\.\d{1,2})?$")]
 Quantity = Annotated[int, Field(gt=0, le=10_000)]
+IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 Count = Annotated[int, Field(ge=0, le=10_000)]
 
 
@@ -102,7 +104,7 @@ class ReturnRequestIn(Strict):
     reason: Literal["unwanted", "damaged", "shipping_error", "wrong_product"]
     resolution: Literal["refund", "replacement", "exchange"] | None = None
     lines: Annotated[list[RequestLineIn], Field(min_length=1, max_length=50)]
-    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = None
+    idempotency_key: IdempotencyKey | None = None
 
 
 class ReceiptLineIn(Strict):

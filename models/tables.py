@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -29,8 +30,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def ts(nullable: bool = True, index: bool = False) -> datetime | None:  # type: ignore[return]
-    """A timezone-aware timestamp column."""
+def ts(nullable: bool = True, index: bool = False) -> Any:
+    """A timezone-aware timestamp column (a Field: typed Any, as SQLModel's own Field is)."""
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 

@@ -63,7 +63,7 @@ def is_postgres(engine: Engine) -> bool:
 
 @contextmanager
 def unit_of_work(engine: Engine) -> Iterator[Session]:
-    """A session that commits once on success and rolls back otherwise; lock and connection errors become TransientError."""
+    """A session that commits once on success, else rolls back; lock and connection errors become TransientError."""
     session = Session(engine, expire_on_commit=False)
     try:
         yield session

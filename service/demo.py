@@ -129,7 +129,8 @@ def run_sample(driver: Driver, pipeline: Any) -> dict[str, dict[str, Any]]:
     _say("\n== parcels received at Lantana (P7, P8, R12); processing starts at once")
     received_at = utcnow()
     for order, lines in RECEIPTS.items():
-        receipt = parse(ReceiptIn, {"rma": by_order[order], "received_at": received_at.isoformat(), "by": "lantana-dock",
+        receipt = parse(ReceiptIn, {"rma": by_order[order], "received_at": received_at.isoformat(),
+                                    "by": "lantana-dock",
                                     "lines": [{"sku": sku, "unopened": c[0], "opened": c[1], "damaged": c[2],
                                                "missing": c[3]} for sku, c in lines.items()]})
         out = driver.receive(receipt)

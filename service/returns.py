@@ -249,6 +249,10 @@ def _customer(session: Session, ret: Return) -> Customer:
     return customer
 
 
+def _order_lines(session: Session, order_number: str) -> dict[int | None, OrderLine]:
+    return {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == order_number))}
+
+
 def _lines(session: Session, ret: Return) -> list[ReturnLine]:
     return list(session.scalars(select(ReturnLine).where(ReturnLine.return_id == ret.id).order_by(ReturnLine.id)))
 
@@ -276,7 +280,8 @@ def _issue_context(session: Session, ret: Return, policy: Policy) -> dict[str, A
     assert ret.rma is not None and ret.rma_expires_at is not None
     return {
         "lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity,
-                   "refund": str(from_cents(ln.refund_cents)), "restocking_fee": str(from_cents(ln.restocking_fee_cents)),
+                   "refund": str(from_cents(ln.refund_cents)),
+                   "restocking_fee": str(from_cents(ln.restocking_fee_cents)),
                    "basis": ln.basis, "clauses": ln.clauses}
                   for ln in lines if ln.outcome != str(Outcome.DECLINED)],
         "declined_lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity, "reason": ln.reason_text,
@@ -346,7 +351,8 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
     decision = quote(session, req, now, policy)
     _, _, order_lines = _facts(session, order)
     ret = Return(order_number=order.number, idempotency_key=req.idempotency_key, reason=str(decision.reason),
-                 resolution=str(decision.resolution), state=str(State.REQUESTED), policy_version=decision.policy_version,
+                 resolution=str(decision.resolution), state=str(State.REQUESTED),
+                 policy_version=decision.policy_version,
                  decision=decision.as_dict(), refund_total_cents=to_cents(decision.refund_total), requested_at=now,
                  updated_at=now)
     if decision.outcome is Outcome.REVIEW:
@@ -354,7 +360,8 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
     session.add(ret)
     session.flush()
     session.add(Transition(return_id=ret.id, from_state=None, to_state=str(State.REQUESTED), at=now, actor=actor.name,
-                           flow_run_id=actor.flow_run_id, facts={"request": req.model_dump(mode="json", exclude={"email"})}))
+                           flow_run_id=actor.flow_run_id,
+                           facts={"request": req.model_dump(mode="json", exclude={"email"})}))
     for ld in decision.lines:
         session.add(ReturnLine(
             return_id=ret.id, order_line_id=order_lines[ld.sku].id, sku=ld.sku, quantity=ld.quantity,
@@ -386,9 +393,10 @@ def _authorized_lines(lines: list[ReturnLine]) -> tuple[tuple[pol.AuthorizedLine
 def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool = False) -> pol.Settlement:
     """The settlement the stored receipt earns under the policy (R12), from stored facts only."""
     lines = [ln for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)]
-    order_lines = {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == ret.order_number))}
+    order_lines = _order_lines(session, ret.order_number)
     authorized = tuple(
-        pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis), from_cents(order_lines[ln.order_line_id].unit_price_cents),
+        pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis),
+                           from_cents(order_lines[ln.order_line_id].unit_price_cents),
                            from_cents(order_lines[ln.order_line_id].unit_tax_cents), from_cents(ln.refund_cents),
                            ln.exchange_sku)
         for ln in lines
@@ -538,7 +546,7 @@ def complete(session: Session, ret: Return, plan: PlannedRefund, references: dic
         assert pay is not None
         paid.append({"method": pay.method, "last4": pay.last4, "amount": str(alloc.amount)})
     lines = {ln.sku: ln for ln in _lines(session, ret)}
-    order_lines = {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == ret.order_number))}
+    order_lines = _order_lines(session, ret.order_number)
     names = _names(session, set(lines))
     rows = []
     for st in plan.settlement.lines:
@@ -607,7 +615,8 @@ def cancel(session: Session, rma: str, note: str, by: str, now: datetime, flow_r
     """Withdraw an authorized return (customer or operator); its units become returnable again (R11)."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED:
-        raise InvalidInput(f"{ret.rma} is '{ret.state}'; only an authorized return awaiting its parcel can be cancelled")
+        raise InvalidInput(f"{ret.rma} is '{ret.state}'; only an authorized return awaiting its parcel "
+                           "can be cancelled")
     transition(session, ret, State.CANCELLED, now, Actor(f"operator:{by}", flow_run_id), {"note": note})
     return ret
 
@@ -720,7 +729,8 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
                    "received": None if ln.received_unopened is None else {
                        "unopened": ln.received_unopened, "opened": ln.received_opened,
                        "damaged": ln.received_damaged, "missing": ln.received_missing},
-                   "settled_refund": None if ln.settled_refund_cents is None else str(from_cents(ln.settled_refund_cents)),
+                   "settled_refund": None if ln.settled_refund_cents is None
+                   else str(from_cents(ln.settled_refund_cents)),
                    "replacement_units": ln.replacement_units, "note": ln.settlement_note} for ln in lines],
         "payments_refunded": payments,
         "timeline": [{"at": t.at.isoformat(), "from": t.from_state, "to": t.to_state, "actor": t.actor,

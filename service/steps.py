@@ -99,7 +99,8 @@ class Pipeline:
             issued_on=self.policy.local_date(ret.rma_issued_at), valid_until=self.policy.local_date(ret.rma_expires_at),
             prepaid=bool(ctx["prepaid"]),
         )
-        return str(write_label(self.settings.label_dir, rma, render_label(data, self.settings.shop, policy=self.policy)))
+        pdf = render_label(data, self.settings.shop, policy=self.policy)
+        return str(write_label(self.settings.label_dir, rma, pdf))
 
     def receive(self, receipt: ReceiptIn, now: datetime, flow_run_id: str | None = None) -> dict[str, Any]:
         with unit_of_work(self.engine) as session:
