@@ -32,16 +32,12 @@ def request_return(
     rma = decision.get("rma_number")
     if rma and decision["state"] == "authorized":
         t.render_label(rma)
-    t.send_outbox()
-    if rma:
-        t.publish(rma)
+    t.notify(rma)
     return {k: decision[k] for k in ("decision", "rma_number", "state", "refund_total", "clauses")}
 
 
-def _process(rma: str, who: str) -> dict[str, Any] | None:
-    """claim -> pay the refund -> complete with the 'processed' email."""
-    if not t.claim_return(rma, who):
-        return None
+def _refund(rma: str, who: str) -> dict[str, Any]:
+    """pay the refund -> complete with the 'processed' email (the return is claimed)."""
     paid = t.pay_refund(rma)
     return t.complete_return(rma, paid, who)
 
@@ -61,19 +57,17 @@ def record_receipt(
     receipt = parse(ReceiptIn, {"rma": rma, "received_at": arrived.isoformat(), "by": by,
                                 "lines": [ln.model_dump() if isinstance(ln, ReceiptLineIn) else ln for ln in lines]})
     out = t.record_receipt(receipt)
-    if out["state"] == "received":
-        out = _process(out["rma_number"], f"operator:{by}") or out
-    t.send_outbox()
-    t.publish(out["rma_number"])
+    if out["state"] == "processing":
+        out = _refund(out["rma_number"], f"operator:{by}")
+    t.notify(out["rma_number"])
     return out
 
 
 @flow(name="process-return", flow_run_name="process-{rma}", **FLOW_OPTIONS)
 def process_return(rma: str) -> dict[str, Any] | None:
     """Refund (or ship the replacement / exchange) a received return, then the 'processed' email."""
-    out = _process(rma, "api")
-    t.send_outbox()
-    t.publish(rma)
+    out = _refund(rma, "api") if t.claim_return(rma, "api") else None
+    t.notify(rma)
     return out
 
 
@@ -84,10 +78,8 @@ def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, An
     if out["state"] == "authorized":
         t.render_label(rma)
     elif out["state"] == "processing":
-        paid = t.pay_refund(rma)
-        out = t.complete_return(rma, paid, f"operator:{by}")
-    t.send_outbox()
-    t.publish(rma)
+        out = _refund(rma, f"operator:{by}")
+    t.notify(rma)
     return out
 
 
@@ -95,7 +87,7 @@ def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, An
 def cancel_return(rma: str, note: str, by: str) -> dict[str, Any]:
     """Withdraw an authorized return; its units become returnable again."""
     out = t.cancel_return(rma, note, by)
-    t.publish(rma)
+    t.notify(rma)
     return out
 
 

@@ -406,10 +406,22 @@ def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool
     return pol.settle(policy, authorized, counts, pol.Resolution(ret.resolution), approved)
 
 
+def _same_receipt(session: Session, ret: Return, receipt: ReceiptIn) -> bool:
+    """Whether this exact receipt (time and counts) is the one already recorded on the return."""
+    if ret.received_at is None or ret.received_at != receipt.received_at:
+        return False
+    stored = {ln.sku: (ln.received_unopened, ln.received_opened, ln.received_damaged, ln.received_missing)
+              for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)}
+    given = {rl.sku: (rl.unopened, rl.opened, rl.damaged, rl.missing) for rl in receipt.lines}
+    return stored == given
+
+
 def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy, settings: Settings,
             flow_run_id: str | None = None) -> Return:
     """Log a parcel at Lantana with per-unit condition; starts the 10-day clock (P8, R9); may send it to review."""
     ret = load_return(session, receipt.rma, for_update=True)
+    if ret.state != State.AUTHORIZED and _same_receipt(session, ret, receipt):
+        return ret  # a retried or re-triggered receipt: recorded already, nothing to do twice
     if ret.state != State.AUTHORIZED:
         raise InvalidInput(f"{ret.rma} is '{ret.state}', not awaiting a parcel")
     if receipt.received_at > now + timedelta(minutes=5):

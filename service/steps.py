@@ -102,9 +102,14 @@ class Pipeline:
         pdf = render_label(data, self.settings.shop, policy=self.policy)
         return str(write_label(self.settings.label_dir, rma, pdf))
 
-    def receive(self, receipt: ReceiptIn, now: datetime, flow_run_id: str | None = None) -> dict[str, Any]:
+    def receive(self, receipt: ReceiptIn, now: datetime, flow_run_id: str | None = None,
+                claim: bool = False) -> dict[str, Any]:
+        """Record the receipt; with `claim`, processing starts in the same transaction (received -> processing)."""
         with unit_of_work(self.engine) as session:
             ret = svc.receive(session, receipt, now, self.policy, self.settings, flow_run_id)
+            if claim and ret.state == State.RECEIVED:
+                actor = Actor(f"operator:{receipt.by}", flow_run_id)
+                ret = svc.claim(session, ret.rma or receipt.rma, now, actor, self.policy) or ret
             out = {"rma_number": ret.rma, "state": ret.state, "deadline": ret.deadline_at.isoformat()
                    if ret.deadline_at else None}
         crash_point("receive.after-commit")

@@ -82,8 +82,9 @@ def render_label(rma: str) -> str | None:
 
 @task(name="record-receipt", timeout_seconds=30, **RETRY)
 def record_receipt(receipt: ReceiptIn) -> dict[str, Any]:
-    """Log the parcel with per-unit condition and start the 10-day clock (P8)."""
-    return pipeline().receive(receipt, now(), run_id())
+    """Log the parcel with per-unit condition, start the 10-day clock (P8) and claim it for processing, in one
+    transaction; a retry of the same receipt replays."""
+    return pipeline().receive(receipt, now(), run_id(), claim=True)
 
 
 @task(name="claim-return", timeout_seconds=30, **RETRY)
@@ -184,3 +185,16 @@ def publish_board(as_of: datetime) -> dict[str, Any]:
 def publish(rma: str) -> None:
     """Refresh the return's artifact and emit an event per new transition."""
     publish_return(pipeline(), rma, run_id())
+
+
+@task(name="notify", timeout_seconds=120, **RETRY)
+def notify(rma: str | None) -> dict[str, Any]:
+    """The stage's emails (the outbox, at least once) and what operators see (the return's artifact, its events).
+
+    One task run for both: each task run costs the Prefect server ~25-30 ms of CPU (PREFECT-NOTES.md), so the
+    per-return stages keep their side effects as tasks and fold the two reporting steps into one.
+    """
+    report = pipeline().relay(now())
+    if rma:
+        publish_return(pipeline(), rma, run_id())
+    return {k: len(v) for k, v in report.items() if isinstance(v, list)}

@@ -688,3 +688,17 @@ def test_a_second_review_at_receipt_still_tells_customer_care(sample_pipeline: P
                                                                     OutboxMessage.kind == "review_needed"))
                    for r in m.context.get("reasons", [])]  # type: ignore[union-attr]
     assert any("damaged" in r for r in reasons), reasons
+
+
+def test_the_same_receipt_recorded_twice_replays_and_a_different_one_is_refused(sample_pipeline: Pipeline) -> None:
+    p = sample_pipeline
+    rma = ask(p, "IS-1001")["rma_number"]
+    parcel = receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}])
+    first = p.receive(parcel, LATER, claim=True)
+    assert first["state"] == "processing"
+    before = row_counts(p)
+    assert p.receive(parcel, LATER, claim=True)["state"] == "processing"  # a retried task: nothing twice
+    assert row_counts(p) == before
+    with pytest.raises(InvalidInput, match="not awaiting a parcel"):
+        p.receive(receipt(rma, [{"sku": "VC-SERUM-30", "opened": 1}]), LATER)
+    assert row_counts(p) == before

@@ -237,7 +237,7 @@ def test_an_authorized_request_issues_the_rma_label_email_artifact_and_events(sh
 
     assert flow_run(run_id).name == "request-IS-1001"  # the order, never the email address
     runs = task_runs(run_id)
-    assert set(runs) == {"store-decision", "render-label", "send-outbox", "publish-return"}
+    assert set(runs) == {"store-decision", "render-label", "notify"}
     assert {name: (r.state.type.value, r.run_count) for name, r in runs.items()} == {
         name: ("COMPLETED", 1) for name in runs}
 
@@ -309,8 +309,7 @@ def test_a_receipt_completes_the_return_with_its_refund(shop: Pipeline) -> None:
         ("authorized", "received", "operator:lantana-dock"), ("received", "processing", "operator:lantana-dock"),
         ("processing", "completed", "operator:lantana-dock")]
     assert {r for *_, r in audit(shop, rma)[2:]} == {str(run_id)}  # received, processing, completed
-    assert set(task_runs(run_id)) == {"record-receipt", "claim-return", "pay-refund", "complete-return",
-                                      "send-outbox", "publish-return"}
+    assert set(task_runs(run_id)) == {"record-receipt", "pay-refund", "complete-return", "notify"}
     art = artifact(f"return-{rma.lower()}")
     assert f"# {rma} - completed" in art.data and "$72.76" in art.data
     assert "(None)" not in art.data  # a closed return has a deadline but no deadline flag
@@ -413,8 +412,7 @@ def test_a_review_after_receipt_authorized_pays_the_damaged_unit_too(shop: Pipel
     assert count(shop, GatewaySettlement) == 1 and count(shop, Refund) == 1
     assert [(a, b, who) for a, b, who, _ in audit(shop, rma)][-2:] == [
         ("review", "processing", "operator:alice"), ("processing", "completed", "operator:alice")]
-    assert set(task_runs(run_id)) == {"settle-review", "pay-refund", "complete-return", "send-outbox",
-                                      "publish-return"}
+    assert set(task_runs(run_id)) == {"settle-review", "pay-refund", "complete-return", "notify"}
     assert [k for k, *_ in outbox(shop, rma)][-1] == "processed"
 
 
