@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from prefect import flow
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime
 
 from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
 from tasks import returns as t
@@ -44,15 +44,17 @@ def _refund(rma: str, who: str) -> dict[str, Any]:
 
 @flow(name="record-receipt", flow_run_name="receipt-{rma}", **FLOW_OPTIONS)
 def record_receipt(
-    rma: Annotated[str, Field(description="The RMA number written on the box, e.g. RMA-7K2QMXP")],
-    lines: Annotated[list[ReceiptLineIn], Field(
-        description="One entry per SKU on the RMA (see the return's artifact): how many units arrived unopened, "
-                    "opened, damaged, or are missing; they must add up to the units on the RMA")],
-    received_at: Annotated[AwareDatetime | None, Field(
-        description="When the parcel arrived; leave empty for now")] = None,
-    by: Annotated[str, Field(description="Who at the dock logged it")] = "dock",
+    rma: str, lines: list[ReceiptLineIn], received_at: AwareDatetime | None = None, by: str = "dock"
 ) -> dict[str, Any]:
-    """receipt at Lantana (per-unit condition) -> 10-day clock -> processing starts at once -> emails."""
+    """receipt at Lantana (per-unit condition) -> 10-day clock -> processing starts at once -> emails.
+
+    Args:
+        rma: The RMA number written on the box, e.g. RMA-7K2QMXP.
+        lines: One entry per SKU on the RMA (the return's artifact lists them): how many units arrived unopened,
+            opened, damaged, or are missing. They must add up to the units on the RMA.
+        received_at: When the parcel arrived; leave empty for now.
+        by: Who at the dock logged it.
+    """
     arrived = received_at or t.now()
     receipt = parse(ReceiptIn, {"rma": rma, "received_at": arrived.isoformat(), "by": by,
                                 "lines": [ln.model_dump() if isinstance(ln, ReceiptLineIn) else ln for ln in lines]})
@@ -73,7 +75,14 @@ def process_return(rma: str) -> dict[str, Any] | None:
 
 @flow(name="settle-review", flow_run_name="review-{rma}", **FLOW_OPTIONS)
 def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
-    """An operator's decision on a return in review: authorize (RMA + label, or processing) or decline."""
+    """An operator's decision on a return in review: authorize (RMA + label, or processing) or decline.
+
+    Args:
+        rma: The return's RMA number (a return in review has one already).
+        authorize: On to issue the RMA (before receipt) or pay the return (after it); off to decline it.
+        note: Why: it goes in the audit log and, on a decline, to the customer.
+        by: The operator's name.
+    """
     out = t.settle_review(rma, authorize, note, by)
     if out["state"] == "authorized":
         t.render_label(rma)
