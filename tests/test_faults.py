@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 import threading
 import uuid
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.orm import Session
 
@@ -49,6 +47,7 @@ from service.steps import Pipeline
 from tests.conftest import PG_ADMIN_URL, SAMPLE
 from tests.crash_driver import receipt_for, request_for, run_op
 from tests.invariants import check_invariants
+from tests.smtp_server import SmtpServer
 
 NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's clock
 LATER = NOW + timedelta(days=4)
@@ -98,30 +97,11 @@ class Faulty:
             return [str(parse(raw)["Message-ID"]) for raw in self.accepted]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Smtp(SmtpServer):
+    """The fault tests' server: a Faulty handler, and a client timeout short enough to see a hang."""
 
-
-class Smtp:
     def __init__(self) -> None:
-        self.port = free_port()
-        self.handler = Faulty()
-        self.controller: Controller | None = None
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}?timeout=5"
-
-    def start(self) -> None:
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
+        super().__init__(Faulty(), url_query="?timeout=5")
 
 
 @pytest.fixture

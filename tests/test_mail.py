@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from email import policy as email_policy
 from email.message import EmailMessage
@@ -35,6 +33,7 @@ from service.mail import (
     transport_from_settings,
 )
 from service.outbox import CUSTOMER_KINDS, KINDS, message_id_for
+from tests.smtp_server import Inbox, free_port
 
 # A shop whose contact details differ from the published ones: proves templates take them from config (P9).
 SHOP = Shop(
@@ -468,38 +467,6 @@ def test_smtp_url_parsing() -> None:
             SmtpTransport.from_url(bad)
 
 
-class Inbox:
-    """An aiosmtpd handler that keeps what it accepts; rcpt 'reject*' gets 550, 'later*' gets 451."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
-        if address.startswith("reject"):
-            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
-        if address.startswith("later"):
-            return "451 4.3.0 Mailbox busy, try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 Message accepted for delivery"
-
-    def parsed(self) -> list[EmailMessage]:
-        with self.lock:
-            return [BytesParser(policy=email_policy.default).parsebytes(raw)  # type: ignore[misc]
-                    for _, _, raw in self.messages]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def smtp_server() -> Iterator[tuple[Inbox, int]]:
     inbox = Inbox()
@@ -517,7 +484,7 @@ def test_smtp_delivers_the_message(smtp_server: tuple[Inbox, int], home: Path) -
     SmtpTransport.from_url(f"smtp://127.0.0.1:{port}").send(msg)
     [(mail_from, rcpts, _)] = inbox.messages
     assert mail_from == "returns@shop.example" and rcpts == ["dana@example.com"]
-    [got] = inbox.parsed()
+    [got] = [m for _, m in inbox.received()]
     assert got["Message-ID"] == msg["Message-ID"]
     assert [a.get_content() for a in got.iter_attachments()] == [PDF]
 

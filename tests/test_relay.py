@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import Engine, create_engine, select, text, update
 
 from models.tables import OutboxMessage
@@ -29,6 +27,7 @@ from service.db import engine_for, make_engine, unit_of_work, upgrade
 from service.mail import FileTransport, SmtpTransport, Transport, eml_name, transport_from_settings
 from service.outbox import CARE_KINDS, KINDS, enqueue
 from service.relay import BACKOFF_CAP, LEASE, RelayReport, backoff, relay
+from tests.smtp_server import Inbox, SmtpServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = dt.datetime(2026, 11, 26, 15, 0, tzinfo=dt.UTC)
@@ -81,61 +80,15 @@ SUBJECTS = {
 # ---- fixtures ----------------------------------------------------------------------------------------------
 
 
-class Inbox:
-    """An aiosmtpd handler that keeps what it accepts; rcpt 'reject*' gets 550, 'later*' gets 451."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
-        if address.startswith("reject"):
-            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
-        if address.startswith("later"):
-            return "451 4.3.0 Mailbox busy, try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 Message accepted for delivery"
-
-    def parsed(self) -> list[tuple[list[str], EmailMessage]]:
-        with self.lock:
-            return [(rcpts, BytesParser(policy=email_policy.default).parsebytes(raw))  # type: ignore[misc]
-                    for _, rcpts, raw in self.messages]
-
-    def message_ids(self) -> list[str]:
-        return [str(msg["Message-ID"]) for _, msg in self.parsed()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A real SMTP server on loopback that a test can start late (the 'SMTP down, then up' story)."""
+class Server(SmtpServer):
+    """The relay tests' server: an Inbox on a free loopback port."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.inbox = Inbox()
-        self.controller: Controller | None = None
+        super().__init__(Inbox(), port)
 
     @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
+    def inbox(self) -> Inbox:
+        return self.handler  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -203,7 +156,7 @@ def test_relay_delivers_every_kind_over_smtp(db: tuple[Engine, str], home: Path,
     assert [r["kind"] for r in report.sent] == sorted(KINDS)  # id order = insertion order here
     assert report.failed == [] and report.deferred == [] and report.halted is None
     assert_no_addresses(report)
-    arrived = {str(msg["Message-ID"]): (rcpts, msg) for rcpts, msg in server.inbox.parsed()}
+    arrived = {str(msg["Message-ID"]): (rcpts, msg) for rcpts, msg in server.inbox.received()}
     assert len(arrived) == len(KINDS) == len(server.inbox.messages)
     for kind, r in rows.items():
         rcpts, msg = arrived[r.message_id]
@@ -233,7 +186,7 @@ def test_xss_name_arrives_escaped_in_the_html_part(db: tuple[Engine, str], home:
     engine, url = db
     add(engine, "expired", context=CONTEXTS["expired"] | {"customer_name": "<img src=x onerror=alert(1)>"})
     relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
-    [(_, msg)] = server.inbox.parsed()
+    [(_, msg)] = server.inbox.received()
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "<img" not in html and "Hi &lt;img src=x onerror=alert(1)&gt;," in html
     assert "Hi <img src=x onerror=alert(1)>," in msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
@@ -247,7 +200,7 @@ def test_header_injection_in_the_context_adds_no_recipient(db: tuple[Engine, str
                                                              "order_number": "IS-1\r\nBcc: attacker@evil.example"})
     report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
     assert len(report.sent) == 1
-    [(rcpts, msg)] = server.inbox.parsed()
+    [(rcpts, msg)] = server.inbox.received()
     assert rcpts == [CUSTOMER_EMAIL]
     assert msg["Bcc"] is None
     assert msg["Subject"] == "About your return request for order IS-1 Bcc: attacker@evil.example"
