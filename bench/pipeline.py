@@ -329,6 +329,10 @@ class Run:
                                        "variant": self.variant, "notes": list(spec.get("notes", []))}
         if self.variant == "batch":
             self.result["batch"] = self.batch
+        if self.mode == "served" and spec.get("no_suspension_observer"):
+            self.result["no_suspension_observer"] = True
+        if self.mode == "served":
+            self.result["worker_poll"] = spec.get("worker_poll", 0.1)
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.monitor: Monitor | None = None
@@ -547,6 +551,8 @@ class Run:
         cmd = [sys.executable, "-m", "bench.pipeline", "_serve", str(stats_file),
                f"--poll={self.spec.get('worker_poll', 0.1)}", f"--workers={self.spec.get('workers', 4)}",
                f"--variant={self.variant}"]
+        if self.spec.get("no_suspension_observer"):
+            cmd.append("--no-suspension-observer")
         if self.spec.get("profile"):
             cmd.append("--profile")
         wlog = open(self.work / "worker.log", "ab")  # noqa: SIM115 - the worker outlives this statement
@@ -930,11 +936,22 @@ def child_main(spec_path: str) -> int:
 # ---- the serving process of the `served` mode --------------------------------------------------------------
 
 
-def serve_main(stats_path: str, profile: bool, poll: float, workers: int, variant: str) -> int:
+def serve_main(stats_path: str, profile: bool, poll: float, workers: int, variant: str,
+               no_observer: bool = False) -> int:
     """flows.serve.serve(), plus the Prefect client's retry count (and a per-flow-run profile) on the way out;
     with a variant, its flows are served under the same deployment names (bench.variants)."""
     retries = count_prefect_client_retries()
     import flows.serve as fs
+
+    if no_observer:
+        # An experiment, not a recommendation: Prefect 3.9 starts, for every flow run of a deployment, a thread
+        # with its own event loop, API client and events websocket (with a one-minute backfill) to notice an
+        # external "suspend" request. The pipeline never suspends runs; this measures what that costs.
+        import contextlib
+
+        import prefect.flow_engine as fe
+
+        fe.observe_flow_run_suspension = lambda *_a, **_k: contextlib.nullcontext()  # type: ignore[assignment]
 
     if variant != "as-is":
         from bench.variants import deployment_specs
@@ -1077,7 +1094,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = floor.get(r.get("requested_n", r["n"]))
         n_txt = f"{r['n']}" if r.get("requested_n", r["n"]) == r["n"] else f"{r['n']} (for {r['requested_n']})"
         ratio_txt = "1" if r["mode"] == "floor" else (f"1/{ratio / r['returns_per_s']:.0f}" if ratio else "-")
-        mode = r["mode"] + ("" if r.get("variant", "as-is") == "as-is" else f" ({r['variant']})")
+        tags = [] if r.get("variant", "as-is") == "as-is" else [r["variant"] + (f" {r['batch']}" if "batch" in r
+                                                                                 else "")]
+        if r.get("no_suspension_observer"):
+            tags.append("no observer")
+        if r.get("clients", 1) != 4 and r["mode"] == "served":
+            tags.append(f"{r['clients']} client")
+        mode = r["mode"] + (f" ({', '.join(tags)})" if tags else "")
         out.append(" | ".join([
             f"| {mode}", r["prefect_db"], n_txt, _f(r["returns_per_s"], 2), ratio_txt, _f(lat["p50"], 3),
             _f(lat["p95"], 3), _f(r.get("client_cpu_incl_drain_s", r["client_cpu_s"]), 1),
@@ -1106,6 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="as-is", choices=("as-is", "lean", "batch"),
                     help="flow shapes for flows/served: as-is (flows/), or a proposal from bench/variants.py")
     ap.add_argument("--batch", type=int, default=10, help="receipts per record-receipts run (--variant batch)")
+    ap.add_argument("--no-suspension-observer", action="store_true",
+                    help="experiment: the serving process skips Prefect's per-run suspension observer (served)")
     ap.add_argument("--profile", action="store_true", help="cProfile the client (and the served flow runs)")
     ap.add_argument("--quiet-wait", type=float, default=600,
                     help="before each run, wait up to this many seconds for other processes to leave the CPUs "
@@ -1145,11 +1170,13 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{mode}-{run_n}" if db == "-" else f"{mode}-{db}-{run_n}"
             if mode != "floor" and args.variant != "as-is":
                 label += f"-{args.variant}"
+            if mode == "served" and args.no_suspension_observer:
+                label += "-noobs"
             work = root / label
             work.mkdir(parents=True)
             spec = {"mode": mode, "prefect_db": db, "n": run_n, "clients": args.clients, "poll": args.poll,
                     "worker_poll": args.worker_poll, "workers": args.workers, "variant": args.variant,
-                    "batch": args.batch,
+                    "batch": args.batch, "no_suspension_observer": args.no_suspension_observer,
                     "timeout": args.timeout, "workdir": str(work), "result_path": str(work / "result.json"),
                     "profile": args.profile, "profile_dir": str(RESULTS / f"profile-{stamp}"), "label": label,
                     "notes": row_notes}
@@ -1205,5 +1232,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "_serve":
         opts = dict(a[2:].split("=", 1) for a in sys.argv[3:] if "=" in a)
         sys.exit(serve_main(sys.argv[2], "--profile" in sys.argv[3:], float(opts.get("poll", 0.1)),
-                            int(opts.get("workers", 4)), opts.get("variant", "as-is")))
+                            int(opts.get("workers", 4)), opts.get("variant", "as-is"),
+                            "--no-suspension-observer" in sys.argv[3:]))
     sys.exit(main())
