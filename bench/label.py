@@ -1,6 +1,6 @@
 """Time the RMA label renderer: `python -m bench.label [-n N]`.
 
-Every variant draws the same layout (service/label.py) for the same customers; only the font
+Every variant draws the same layout (adapters/label/layout.py) for the same customers; only the font
 handling differs, so the numbers isolate what the fonts cost:
 
   core-font baseline      Helvetica, nothing embedded (Latin-1 only: the speed floor)
@@ -22,10 +22,11 @@ from collections.abc import Callable
 from datetime import date
 from itertools import cycle
 
+from adapters.config import Shop
+from adapters.label import fonts as F
+from adapters.label import layout as L
 from models.policy import DEFAULT_POLICY
 from models.rma import new_rma
-from service import label as L
-from service.config import Shop
 
 SHOP = Shop()
 CUSTOMERS = (
@@ -68,9 +69,9 @@ def measure(render: Callable[[L.LabelData], bytes], n: int, before: Callable[[],
 
 def first_label_ms() -> float:
     """A process's first label: parse the face, build the cut, render."""
-    L._face.cache_clear()
-    L._coverage.cache_clear()
-    L._cut.cache_clear()
+    F._face.cache_clear()
+    F._coverage.cache_clear()
+    F._cut.cache_clear()
     start = time.perf_counter()
     L.render_label(sample(0), SHOP)
     return (time.perf_counter() - start) * 1000
@@ -81,19 +82,19 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=200, help="labels per variant (default 200)")
     n = parser.parse_args().n
 
-    def build(fonts: L.Fonts) -> Callable[[L.LabelData], bytes]:
+    def build(fonts: F.Fonts) -> Callable[[L.LabelData], bytes]:
         return lambda data: L._build(data, SHOP, DEFAULT_POLICY, fonts)
 
-    dejavu = L.file_fonts(L.FONT_DIR / "DejaVuSans.ttf", L.FONT_DIR / "DejaVuSans-Bold.ttf")
-    returns_sans = L.file_fonts(L.FONT_DIR / L.FONT_FILES[""], L.FONT_DIR / L.FONT_FILES["B"])
+    dejavu = F.file_fonts(F.FONT_DIR / "DejaVuSans.ttf", F.FONT_DIR / "DejaVuSans-Bold.ttf")
+    returns_sans = F.file_fonts(F.FONT_DIR / F.FONT_FILES[""], F.FONT_DIR / F.FONT_FILES["B"])
     first = first_label_ms()
     variants: list[tuple[str, list[float]]] = [
-        ("core-font baseline (Helvetica)", measure(build(L.core_fonts()), n)),
+        ("core-font baseline (Helvetica)", measure(build(F.core_fonts()), n)),
         ("naive TTF, DejaVu Sans + Bold", measure(build(dejavu), n)),
         ("naive TTF, ReturnsSans + Bold", measure(build(returns_sans), n)),
-        ("cached, real bold face", measure(build(L.cached_fonts(bold_face=True)), n)),
+        ("cached, real bold face", measure(build(F.cached_fonts(bold_face=True)), n)),
         ("render_label", measure(lambda data: L.render_label(data, SHOP), n)),
-        ("render_label, cold cut cache", measure(lambda data: L.render_label(data, SHOP), n, L._cut.cache_clear)),
+        ("render_label, cold cut cache", measure(lambda data: L.render_label(data, SHOP), n, F._cut.cache_clear)),
     ]
     print(f"{n} labels per variant, ms per label")
     print(f"{'variant':34} {'median':>8} {'p95':>8}")

@@ -346,9 +346,9 @@ class Run:
         url = f"sqlite:///{home / 'returns.db'}"
         os.environ["RETURNS_HOME"], os.environ["RETURNS_DATABASE_URL"] = str(home), url
         os.environ.pop("RETURNS_SMTP_URL", None)
+        from adapters.config import load_settings, settings
+        from adapters.db import engine_for, upgrade
         from models.schemas import ImportIn, parse
-        from service.config import load_settings, settings
-        from service.db import engine_for, upgrade
         from service.steps import Pipeline
 
         settings.cache_clear()
@@ -750,8 +750,8 @@ class Run:
     def _rmas_by_order(self) -> dict[int, str]:
         from sqlalchemy import select
 
+        from adapters.db import unit_of_work
         from models.tables import Return
-        from service.db import unit_of_work
 
         with unit_of_work(self.pipeline.engine) as session:
             rows = session.execute(select(Return.order_number, Return.rma)).all()
@@ -760,7 +760,7 @@ class Run:
         return out
 
     def _label_latencies(self, requests: list[dict[str, Any]]) -> list[float]:
-        from service.label import label_path
+        from adapters.label.layout import label_path
 
         out = []
         for q in requests:
@@ -772,8 +772,8 @@ class Run:
         """Every return ended completed, with its label and its three emails (RMA issued, received, processed)."""
         from sqlalchemy import func, select
 
+        from adapters.db import unit_of_work
         from models.tables import Return
-        from service.db import unit_of_work
 
         with unit_of_work(self.pipeline.engine) as session:
             states = dict(session.execute(select(Return.state, func.count()).group_by(Return.state)).all())
@@ -868,7 +868,7 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 
 def _counting_api() -> type:
-    from flows.orchestrate import PrefectApi
+    from entrypoints.prefect_api import PrefectApi
 
     class _CountingApi(PrefectApi):
         """The storefront's REST client, counting the 503/429 answers it retries and the polls it makes."""

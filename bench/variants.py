@@ -30,8 +30,8 @@ FLOW_OPTIONS: dict[str, Any] = {"persist_result": False, "log_prints": False}
 
 
 def _state(rma: str) -> str:
+    from adapters.db import unit_of_work
     from service import returns as svc
-    from service.db import unit_of_work
 
     with unit_of_work(pipeline().engine) as session:
         return str(svc.load_return(session, rma).state)

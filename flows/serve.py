@@ -27,7 +27,7 @@ from uuid import UUID
 
 import httpx
 
-from service.redact import install_redaction
+from adapters.redact import install_redaction
 
 log = logging.getLogger("returns.serve")
 

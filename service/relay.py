@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, select, update
 from sqlmodel import col
 
+from adapters.crashpoints import crash_point
+from adapters.db import unit_of_work
+from adapters.mail.message import AttachmentMissing, render
+from adapters.mail.transport import Transport, TransportUnavailable
 from models.errors import PermanentError
 from models.tables import OutboxMessage
-from service.crashpoints import crash_point
-from service.db import unit_of_work
-from service.mail import AttachmentMissing, Transport, TransportUnavailable, render
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from adapters.config import Settings
 
 LEASE = timedelta(minutes=5)
 BACKOFF_BASE = timedelta(minutes=1)

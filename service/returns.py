@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
+from adapters.config import Settings
 from models import policy as pol
 from models.errors import InvalidInput, NotFound, StaleState
 from models.money import from_cents, parse_amount, to_cents
@@ -31,7 +32,6 @@ from models.tables import (
     ReturnLine,
     Transition,
 )
-from service.config import Settings
 from service.outbox import enqueue
 
 # States whose lines still hold units of the order line (R11): open returns and completed ones.

@@ -8,17 +8,17 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from adapters.config import Settings
+from adapters.config import settings as load_settings
+from adapters.crashpoints import crash_point
+from adapters.db import engine_for, unit_of_work
+from adapters.payments.gateway import Gateway, LedgerGateway
 from models.errors import PermanentError, StaleState
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
 from models.tables import Customer, Order, OutboxMessage, Return
 from service import returns as svc
-from service.config import Settings
-from service.config import settings as load_settings
-from service.crashpoints import crash_point
-from service.db import engine_for, unit_of_work
-from service.gateway import Gateway, LedgerGateway
 from service.returns import Actor
 
 
@@ -76,7 +76,7 @@ class Pipeline:
 
     def render_label(self, rma: str) -> str | None:
         """Write the RMA's label PDF if it is not there yet; deterministic, so a re-run rewrites the same bytes."""
-        from service.label import LabelData, LabelLine, label_path, render_label, write_label
+        from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 
         path = label_path(self.settings.label_dir, rma)
         if path.exists():
@@ -215,7 +215,7 @@ class Pipeline:
 
     def missing_labels(self) -> list[str]:
         """Authorized RMAs whose label file is not on disk (a crash between commit and render)."""
-        from service.label import label_path
+        from adapters.label.layout import label_path
 
         with unit_of_work(self.engine) as session:
             rmas = session.scalars(select(Return.rma).where(Return.state == str(State.AUTHORIZED))).all()
@@ -223,7 +223,7 @@ class Pipeline:
 
     def relay(self, now: datetime) -> dict[str, Any]:
         """Send what the outbox holds; report without personal data."""
-        from service.mail import transport_from_settings
+        from adapters.mail.transport import transport_from_settings
         from service.relay import relay
 
         report = relay(self.engine, transport_from_settings(self.settings), settings=self.settings, now=now)

@@ -18,8 +18,8 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from service.config import load_settings  # noqa: E402
-from service.db import engine_for, upgrade  # noqa: E402
+from adapters.config import load_settings  # noqa: E402
+from adapters.db import engine_for, upgrade  # noqa: E402
 from service.steps import Pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlmodel import Session
 
+from adapters.db import unit_of_work
 from models.states import TERMINAL, State
 from models.tables import (
     GatewaySettlement,
@@ -20,7 +21,6 @@ from models.tables import (
     Return,
     Transition,
 )
-from service.db import unit_of_work
 from service.outbox import message_id_for
 from service.returns import current_settlement
 from service.steps import Pipeline

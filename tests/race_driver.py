@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    from adapters.config import load_settings
+    from adapters.db import engine_for
     from models.errors import ReturnsError, StaleState
     from models.schemas import ReturnRequestIn, parse
-    from service.config import load_settings
-    from service.db import engine_for
     from service.returns import Actor
     from service.steps import Pipeline
 

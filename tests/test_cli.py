@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from adapters.config import load_settings
+from adapters.db import make_engine, upgrade
 from models.rma import ALPHABET
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
-from service.config import load_settings
-from service.db import make_engine, upgrade
 from service.returns import Actor
 from service.steps import Pipeline
 
@@ -47,7 +47,7 @@ def cli(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETURNS_")}
     env |= {"RETURNS_HOME": str(home), "RETURNS_DATABASE_URL": db_url(home),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "service.cli", *(["--now", now] if now else []), *args]
+    argv = [sys.executable, "-m", "entrypoints.cli", *(["--now", now] if now else []), *args]
     data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
     done = subprocess.run(argv, input=data, capture_output=True, env=env, cwd=ROOT, timeout=120, check=False)
     return subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode("utf-8", "replace"),
@@ -82,8 +82,8 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, co
 
 def needs_side_effects() -> None:
     """Mutating commands also render the label and relay the outbox (other people's modules)."""
-    pytest.importorskip("service.label")
-    pytest.importorskip("service.mail")
+    pytest.importorskip("adapters.label.layout")
+    pytest.importorskip("adapters.mail.transport")
     pytest.importorskip("service.relay")
 
 

@@ -31,10 +31,10 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import func, select
 
+from adapters.db import unit_of_work
+from adapters.label.layout import label_path
+from adapters.mail.transport import eml_name
 from models.tables import GatewaySettlement, OutboxMessage, Refund, RefundAllocation, Return
-from service.db import unit_of_work
-from service.label import label_path
-from service.mail import eml_name
 from service.steps import Pipeline
 from tests.conftest import SAMPLE, make_pipeline
 from tests.crash_driver import run_op
@@ -502,7 +502,7 @@ def test_flow_crash_and_resume_under_a_prefect_server(case: FlowCase, tmp_path: 
                                                       prefect_api: dict[str, str]) -> None:
     """The stage flow is killed inside its flow run (the server keeps a run that never finishes); the sweep or
     relay flow, a new flow run in a new process, finishes the work."""
-    from service.demo import shifted_catalog
+    from entrypoints.demo import shifted_catalog
 
     p = make_pipeline(tmp_path / "home", f"sqlite:///{tmp_path / 'returns.db'}")
     start = datetime.now(UTC)
@@ -531,8 +531,8 @@ def test_flow_crash_and_resume_under_a_prefect_server(case: FlowCase, tmp_path: 
 
 
 def test_every_crash_point_is_exercised() -> None:
-    """A point added to service/crashpoints.py without a case here fails this test."""
-    from service.crashpoints import POINTS
+    """A point added to adapters/crashpoints.py without a case here fails this test."""
+    from adapters.crashpoints import POINTS
 
     covered = {c.point.split("@")[0] for c in SQLITE_CASES}
     assert covered == set(POINTS)

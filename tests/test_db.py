@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlmodel import SQLModel
 
 import models.tables  # noqa: F401  (registers every table on the metadata)
+from adapters.db import unit_of_work
 from models.errors import InvalidInput, NotFound, StaleState
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.tables import (
@@ -32,7 +33,6 @@ from models.tables import (
     ReturnLine,
     Transition,
 )
-from service.db import unit_of_work
 from service.returns import SAME_ANSWER_FOR_R13, Actor
 from service.steps import Pipeline
 
@@ -93,7 +93,7 @@ def payments(p: Pipeline, order: str) -> list[tuple[str, int, int]]:
 
 
 def skip_label_pass(p: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep's label pass belongs to service/label.py (tested elsewhere): report none missing."""
+    """The sweep's label pass belongs to adapters/label (tested elsewhere): report none missing."""
     monkeypatch.setattr(p, "missing_labels", lambda: [])
 
 

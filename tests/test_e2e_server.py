@@ -27,12 +27,12 @@ from sqlalchemy import func, select
 from sqlmodel import SQLModel
 
 import models.tables  # noqa: F401  (registers every table on the metadata)
+from adapters.db import unit_of_work
+from adapters.label.layout import label_path
+from entrypoints.demo import shifted_catalog
 from flows.serve import prefect_env, start_server, stop_server
 from models.schemas import ImportIn, parse
 from models.tables import Return
-from service.db import unit_of_work
-from service.demo import shifted_catalog
-from service.label import label_path
 from service.steps import Pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]

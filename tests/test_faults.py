@@ -36,12 +36,12 @@ from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.orm import Session
 
 import service.returns as svc
+from adapters.config import load_settings
+from adapters.db import engine_for, make_engine, unit_of_work, upgrade
+from adapters.payments.gateway import LedgerGateway
 from models.errors import PermanentError, TransientError
 from models.schemas import ReceiptIn, ReturnRequestIn, parse
 from models.tables import GatewaySettlement, OutboxMessage, Payment, Refund, Return, Transition
-from service.config import load_settings
-from service.db import engine_for, make_engine, unit_of_work, upgrade
-from service.gateway import LedgerGateway
 from service.returns import Actor
 from service.steps import Pipeline
 from tests.conftest import PG_ADMIN_URL, SAMPLE

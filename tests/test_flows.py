@@ -20,16 +20,16 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import SQLModel
 
+import adapters.config
 import models.tables  # noqa: F401  (registers every table on the metadata)
-import service.config
 import tasks.returns as tr
+from adapters.db import engine_for, unit_of_work, upgrade
+from adapters.label.layout import label_path
+from entrypoints.demo import DUE_SOON_AFTER_RECEIPT, shifted_catalog
 from flows import returns as f
 from models.errors import PermanentError, TransientError
 from models.schemas import ImportIn, parse
 from models.tables import GatewaySettlement, OutboxMessage, Payment, Refund, Return, Transition
-from service.db import engine_for, unit_of_work, upgrade
-from service.demo import DUE_SOON_AFTER_RECEIPT, shifted_catalog
-from service.label import label_path
 from service.steps import Pipeline
 
 pytestmark = pytest.mark.prefect
@@ -62,7 +62,7 @@ def prefect_harness() -> Iterator[None]:
 
 
 def _clear_caches() -> None:
-    service.config.settings.cache_clear()
+    adapters.config.settings.cache_clear()
     tr.pipeline.cache_clear()
 
 

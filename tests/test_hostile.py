@@ -29,9 +29,9 @@ from sqlalchemy import select
 from sqlmodel import SQLModel
 
 import models.tables  # noqa: F401  (registers every table on the metadata)
+from adapters.db import unit_of_work
 from models.errors import ReturnsError
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
-from service.db import unit_of_work
 from service.returns import Actor
 from service.steps import Pipeline
 
@@ -399,7 +399,7 @@ def test_sql_and_html_in_names_are_data(tmp_path: Path) -> None:
 def cli(w: World, args: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
     env = os.environ | {"RETURNS_HOME": str(w.home), "RETURNS_DATABASE_URL": w.p.settings.database_url,
                         "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, input=stdin or b"",
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.cli", *args], cwd=ROOT, env=env, input=stdin or b"",
                           capture_output=True, timeout=120)
     return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader
 
+from adapters.config import Shop
+from adapters.label import fonts as F
+from adapters.label import layout as L
+from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 from models.rma import new_rma
-from service import label as L
-from service.config import Shop
-from service.label import LabelData, LabelLine, label_path, render_label, write_label
 
 SHOP = Shop()
 RMA = new_rma(b"\x07\x14\x02\x17\x13\x1d")
@@ -150,11 +151,11 @@ def test_unsupported_characters_are_replaced_not_fatal() -> None:
 
 
 def test_clean_text() -> None:
-    covered = L._coverage(("",))
-    assert L.clean_text("Zoe\u0308", covered) == "Zoë"  # NFC: decomposed input composes
-    assert L.clean_text("a\r\nb\tc  d", covered) == "a b c d"
-    assert L.clean_text("\u2764\ufe0f x", covered) == "? x"  # variation selector dropped, heart replaced
-    assert L.clean_text("\ud800", covered) == "?"  # lone surrogate
+    covered = F._coverage(("",))
+    assert F.clean_text("Zoe\u0308", covered) == "Zoë"  # NFC: decomposed input composes
+    assert F.clean_text("a\r\nb\tc  d", covered) == "a b c d"
+    assert F.clean_text("\u2764\ufe0f x", covered) == "? x"  # variation selector dropped, heart replaced
+    assert F.clean_text("\ud800", covered) == "?"  # lone surrogate
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -162,8 +163,8 @@ def test_clean_text() -> None:
 def test_any_name_renders(name: str) -> None:
     pdf = render_label(make_data(customer_name=name), SHOP)
     assert pdf.startswith(b"%PDF-")
-    cleaned = L.clean_text(name, L._coverage(("",)))
-    assert all(ord(ch) in L._coverage(("",)) for ch in cleaned)
+    cleaned = F.clean_text(name, F._coverage(("",)))
+    assert all(ord(ch) in F._coverage(("",)) for ch in cleaned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_any_name_renders(name: str) -> None:
 def test_same_input_same_bytes() -> None:
     data = make_data("Ngô Bảo Châu", prepaid=True)
     first = render_label(data, SHOP)
-    L._cut.cache_clear()  # cold and warm caches must not change the bytes
+    F._cut.cache_clear()  # cold and warm caches must not change the bytes
     assert render_label(data, SHOP) == first
     assert render_label(data, SHOP) == first
     meta = PdfReader(BytesIO(first)).metadata
@@ -184,7 +185,7 @@ def test_same_bytes_in_another_process() -> None:
     """No hash-seed, clock or cache dependence: a fresh interpreter renders the same file."""
     data = make_data("Σωκράτης Παπαδόπουλος")
     code = (
-        "import sys, tests.test_label as t; from service.label import render_label;"
+        "import sys, tests.test_label as t; from adapters.label.layout import render_label;"
         "sys.stdout.buffer.write(render_label(t.make_data('Σωκράτης Παπαδόπουλος'), t.SHOP))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -210,9 +211,9 @@ def _fonts_and_content(pdf: bytes) -> tuple[bytes, list[tuple[object, object, TT
 def test_fast_fonts_match_plain_add_font(name: str, bold_face: bool) -> None:
     """The cloned / cut fonts embed the same glyphs as fpdf2's own add_font would, drawn the same way."""
     data = make_data(name)
-    bold = L.FONT_DIR / L.FONT_FILES["B"] if bold_face else None
-    plain = L._build(data, SHOP, L.DEFAULT_POLICY, L.file_fonts(L.FONT_DIR / L.FONT_FILES[""], bold))
-    fast = L._build(data, SHOP, L.DEFAULT_POLICY, L.cached_fonts(bold_face=bold_face))
+    bold = F.FONT_DIR / F.FONT_FILES["B"] if bold_face else None
+    plain = L._build(data, SHOP, L.DEFAULT_POLICY, F.file_fonts(F.FONT_DIR / F.FONT_FILES[""], bold))
+    fast = L._build(data, SHOP, L.DEFAULT_POLICY, F.cached_fonts(bold_face=bold_face))
     plain_content, plain_fonts = _fonts_and_content(plain)
     fast_content, fast_fonts = _fonts_and_content(fast)
     assert fast_content == plain_content
@@ -323,9 +324,9 @@ def test_write_label_refuses_bad_names(tmp_path: Path) -> None:
 # The bundled font
 
 
-@pytest.mark.parametrize("style", list(L.FONT_FILES))
+@pytest.mark.parametrize("style", list(F.FONT_FILES))
 def test_bundled_font_is_renamed_licensed_and_covers_our_scripts(style: str) -> None:
-    font = TTFont(L.FONT_DIR / L.FONT_FILES[style])
+    font = TTFont(F.FONT_DIR / F.FONT_FILES[style])
     names = font["name"]
     assert "ReturnsSans" in names.getDebugName(1)
     for name_id in (1, 3, 4, 6, 16):  # the Bitstream Vera licence: a modified font must not use those names
@@ -336,4 +337,4 @@ def test_bundled_font_is_renamed_licensed_and_covers_our_scripts(style: str) -> 
     assert "public domain" in names.getDebugName(13)  # ... and the licence text
     cmap = font.getBestCmap()
     wanted = "".join(CUSTOMERS) + "".join(line for address in CUSTOMERS.values() for line in address)
-    assert all(ord(ch) in cmap for ch in wanted + "".join(map(chr, L.ALWAYS_IN_CUT)) + "\u2026")
+    assert all(ord(ch) in cmap for ch in wanted + "".join(map(chr, F.ALWAYS_IN_CUT)) + "\u2026")

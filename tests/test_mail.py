@@ -17,21 +17,20 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from jinja2 import StrictUndefined
 
-from models.errors import PermanentError, TransientError
-from service import mail
-from service.config import Settings, Shop
-from service.mail import (
-    AttachmentMissing,
+from adapters.config import Settings, Shop
+from adapters.mail import templates
+from adapters.mail.message import AttachmentMissing, InvalidRecipient, render
+from adapters.mail.templates import RenderError
+from adapters.mail.transport import (
     FileTransport,
-    InvalidRecipient,
     PermanentMailError,
-    RenderError,
     SmtpTransport,
     TransientMailError,
     TransportUnavailable,
-    render,
+    eml_name,
     transport_from_settings,
 )
+from models.errors import PermanentError, TransientError
 from service.outbox import CUSTOMER_KINDS, KINDS, message_id_for
 from tests.smtp_server import Inbox, free_port
 
@@ -168,14 +167,14 @@ def test_every_kind_has_text_html_and_subject_templates() -> None:
     assert set(SAMPLES) == set(KINDS)
     for kind in KINDS:
         for suffix in ("html.j2", "txt.j2", "subject.j2"):
-            assert (mail.TEMPLATES / f"{kind}.{suffix}").is_file(), f"{kind}.{suffix}"
+            assert (templates.TEMPLATES / f"{kind}.{suffix}").is_file(), f"{kind}.{suffix}"
 
 
 def test_one_strict_autoescaping_environment() -> None:
-    assert mail.ENV.undefined is StrictUndefined
-    assert mail.ENV.autoescape("rma_issued.html.j2") is True  # type: ignore[operator]
-    assert mail.ENV.autoescape("rma_issued.txt.j2") is False  # type: ignore[operator]
-    assert mail.ENV.autoescape("rma_issued.subject.j2") is False  # type: ignore[operator]
+    assert templates.ENV.undefined is StrictUndefined
+    assert templates.ENV.autoescape("rma_issued.html.j2") is True  # type: ignore[operator]
+    assert templates.ENV.autoescape("rma_issued.txt.j2") is False  # type: ignore[operator]
+    assert templates.ENV.autoescape("rma_issued.subject.j2") is False  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -398,16 +397,16 @@ def test_message_id_must_be_well_formed(home: Path) -> None:
 
 
 def test_filters() -> None:
-    assert mail.money("1234.5") == "$1,234.50"
-    assert mail.money("0") == "$0.00"
+    assert templates.money("1234.5") == "$1,234.50"
+    assert templates.money("0") == "$0.00"
     for bad in (1.5, None, "abc", "NaN"):
         with pytest.raises(ValueError):
-            mail.money(bad)
-    assert mail.long_date("2026-11-26") == "November 26, 2026"
-    assert mail.long_date("2026-11-27T03:00:00+00:00") == "November 26, 2026"  # the shop's calendar day
-    assert mail.long_datetime("2026-07-01T16:30:00+00:00") == "July 1, 2026 at 12:30 PM ET"
-    assert mail.payment_method("amex") == "American Express"
-    assert mail.policy_refs(["P3", "R1"]) == "policy P3, R1"
+            templates.money(bad)
+    assert templates.long_date("2026-11-26") == "November 26, 2026"
+    assert templates.long_date("2026-11-27T03:00:00+00:00") == "November 26, 2026"  # the shop's calendar day
+    assert templates.long_datetime("2026-07-01T16:30:00+00:00") == "July 1, 2026 at 12:30 PM ET"
+    assert templates.payment_method("amex") == "American Express"
+    assert templates.policy_refs(["P3", "R1"]) == "policy P3, R1"
 
 
 # ---- file transport ----------------------------------------------------------------------------------------
@@ -423,7 +422,7 @@ def test_file_transport_writes_one_parseable_eml_per_message_id(home: Path, tmp_
     files = sorted(spool.iterdir())
     assert len(files) == 2 and all(f.suffix == ".eml" for f in files)
     path = transport.path_for(msg["Message-ID"])
-    assert path.name == mail.eml_name(msg["Message-ID"])
+    assert path.name == eml_name(msg["Message-ID"])
     parsed = BytesParser(policy=email_policy.default).parsebytes(path.read_bytes())
     assert parsed["Message-ID"] == msg["Message-ID"]
     assert parsed["Subject"] == SUBJECTS["rma_issued"]

@@ -25,10 +25,10 @@ from conftest import make_pipeline
 from invariants import check_invariants
 from sqlalchemy import func, select
 
+from adapters.db import unit_of_work
 from models.errors import InvalidInput, StaleState
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.tables import GatewaySettlement, Payment, Refund, RefundAllocation, Return, Transition
-from service.db import unit_of_work
 from service.returns import Actor
 from service.steps import Pipeline
 

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, select, text, update
 
+from adapters.config import Settings, Shop
+from adapters.db import engine_for, make_engine, unit_of_work, upgrade
+from adapters.mail.transport import FileTransport, SmtpTransport, Transport, eml_name, transport_from_settings
 from models.tables import OutboxMessage
-from service.config import Settings, Shop
-from service.db import engine_for, make_engine, unit_of_work, upgrade
-from service.mail import FileTransport, SmtpTransport, Transport, eml_name, transport_from_settings
 from service.outbox import CARE_KINDS, KINDS, enqueue
 from service.relay import BACKOFF_CAP, LEASE, RelayReport, backoff, relay
 from tests.smtp_server import Inbox, SmtpServer, free_port
@@ -387,9 +387,9 @@ _KILL_SCRIPT = """
 import os, signal, sys
 from datetime import datetime
 from pathlib import Path
-from service.config import Settings
-from service.db import make_engine
-from service.mail import SmtpTransport
+from adapters.config import Settings
+from adapters.db import make_engine
+from adapters.mail.transport import SmtpTransport
 from service.relay import relay
 
 url, smtp_url, home, now = sys.argv[1:5]

@@ -20,11 +20,11 @@ from conftest import make_pipeline
 from invariants import check_invariants
 from sqlalchemy import event, select
 
+from adapters.db import unit_of_work
+from adapters.redact import RedactPersonalData, install_redaction, redact
 from models.errors import NotFound
 from models.schemas import ReceiptIn, ReturnRequestIn, parse
 from models.tables import Customer, OutboxMessage
-from service.db import unit_of_work
-from service.redact import RedactPersonalData, install_redaction, redact
 from service.returns import SAME_ANSWER_FOR_R13, Actor
 from service.steps import Pipeline
 
@@ -236,8 +236,8 @@ def test_install_redaction_covers_root_and_prefect_loggers_and_their_handlers() 
 def test_serve_and_the_command_line_install_the_redaction() -> None:
     import inspect
 
+    from entrypoints import cli
     from flows import serve
-    from service import cli
 
     assert "install_redaction()" in inspect.getsource(serve.serve)
     assert "install_redaction()" in inspect.getsource(cli.main)
@@ -280,8 +280,8 @@ def tree(root: Path) -> set[str]:
 
 def test_the_demo_sample_writes_only_under_returns_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from service.demo import InProcess, run_sample
-    from service.label import label_path
+    from adapters.label.layout import label_path
+    from entrypoints.demo import InProcess, run_sample
 
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     cwd.mkdir()
@@ -315,7 +315,7 @@ def test_the_demo_sample_writes_only_under_returns_home(tmp_path: Path, monkeypa
 
 
 def test_label_paths_refuse_anything_but_a_canonical_rma(tmp_path: Path) -> None:
-    from service.label import label_path
+    from adapters.label.layout import label_path
 
     for bad in ("../../etc/passwd", "RMA-7K2QMXP/../../x", "/etc/passwd", "RMA-7K2QMXP\n", "RMA-\x00AAAAAA", "",
                 "rma-7k2qmxp", "RMA-7K2QMXP.pdf"):

@@ -21,12 +21,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from invariants import check_invariants
 from sqlalchemy import func, select
 
+from adapters.config import load_settings
+from adapters.db import make_engine, unit_of_work, upgrade
 from models.errors import InvalidInput, StaleState, TransientError
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.states import State
 from models.tables import Return
-from service.config import load_settings
-from service.db import make_engine, unit_of_work, upgrade
 from service.returns import Actor
 from service.steps import Pipeline
 
@@ -54,7 +54,7 @@ def template_db() -> Path:
         p = Pipeline(settings=load_settings({"RETURNS_HOME": str(folder), "RETURNS_DATABASE_URL": url}), engine=engine)
         p.import_data(parse(ImportIn, (SAMPLE / "catalog.json").read_text("utf-8")))
         engine.dispose()
-        from service.db import engine_for
+        from adapters.db import engine_for
 
         engine_for(url).dispose()  # upgrade() used the cached engine: close it so the WAL is checkpointed
         _TEMPLATE["path"] = folder / "returns.db"

@@ -172,8 +172,8 @@ def summarize(final: dict[str, dict[str, Any]], home: Path) -> None:
 
 def demo_pipeline() -> Any:
     """A fresh sandbox under RETURNS_HOME/demo (SQLite), migrated; the environment points at it."""
-    from service.config import load_settings, settings
-    from service.db import engine_for, upgrade
+    from adapters.config import load_settings, settings
+    from adapters.db import engine_for, upgrade
     from service.steps import Pipeline
 
     home = load_settings().home / "demo"
@@ -194,7 +194,7 @@ def run_demo(exit_when_done: bool = True, in_process: bool = False) -> int:
         final = run_sample(InProcess(pipeline), pipeline)
         summarize(final, pipeline.settings.home)
         return 0
-    from flows.orchestrate import orchestrated
+    from entrypoints.orchestrate import orchestrated
 
     with orchestrated(pipeline.settings.home.parent / "prefect") as driver:
         final = run_sample(driver, pipeline)

@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.redact import install_redaction
 from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
 from models.rma import parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
-from service.redact import install_redaction
 
 MAX_INPUT_BYTES = 20 * 1024 * 1024
 EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TRANSIENT, EXIT_INTERNAL = 2, 3, 75, 70
@@ -113,7 +113,7 @@ def run(argv: list[str]) -> int:
 
     now = _time(args.now, "--now") or utcnow()
     if args.cmd == "demo":
-        from service.demo import run_demo
+        from entrypoints.demo import run_demo
 
         return run_demo(exit_when_done=args.exit_when_done, in_process=args.in_process)
     # Every input is read and validated before the database is touched: a refused command writes nothing,
@@ -126,7 +126,7 @@ def run(argv: list[str]) -> int:
     as_of = (_time(args.as_of, "--as-of") or now) if args.cmd == "sweep" else now
     pipeline = Pipeline.from_env()
     if args.cmd == "db":
-        from service.db import upgrade
+        from adapters.db import upgrade
 
         upgrade(pipeline.settings.database_url)
         _print({"upgraded": True})
@@ -173,7 +173,7 @@ def ensure_schema(pipeline: Any) -> None:
     from sqlalchemy import inspect
 
     if not inspect(pipeline.engine).has_table("alembic_version"):
-        from service.db import upgrade
+        from adapters.db import upgrade
 
         upgrade(pipeline.settings.database_url)
 
@@ -207,7 +207,7 @@ def _log_internal(exc: BaseException) -> None:
     import traceback
 
     try:
-        from service.config import settings
+        from adapters.config import settings
 
         log = Path(settings().home) / "logs" / "errors.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ from typing import Protocol
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
+from adapters.crashpoints import crash_point
+from adapters.db import unit_of_work
 from models.errors import PermanentError
 from models.tables import GatewaySettlement
-from service.crashpoints import crash_point
-from service.db import unit_of_work
 
 
 class Gateway(Protocol):

@@ -1,0 +1,1 @@
+"""The RMA label PDF: the font engine and the page layout."""

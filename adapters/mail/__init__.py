@@ -1,0 +1,1 @@
+"""Outbox email: templates, message building, transports."""

@@ -1,0 +1,1 @@
+"""Entry points: the command line, the demo, the Prefect server and client; nothing below imports them."""
