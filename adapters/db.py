@@ -57,10 +57,6 @@ def engine_for(url: str) -> Engine:
     return make_engine(url)
 
 
-def is_postgres(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
-
-
 @contextmanager
 def unit_of_work(engine: Engine) -> Iterator[Session]:
     """A session that commits once on success, else rolls back; lock and connection errors become TransientError."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapters.redact import install_redaction
+from entrypoints.prefect_api import RunFailed
 from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
 from models.rma import parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("file", help="a JSON file, or - for standard input")
     sp = sub.add_parser("process", help="refund (or ship the replacement) and complete a received return")
     sp.add_argument("rma")
+    sp.add_argument("--by", help="the operator's name (default: cli)")
     sp = sub.add_parser("sweep", help="expire stale RMAs, escalate due-soon/overdue returns, re-drive stuck ones")
     sp.add_argument("--as-of", help="ISO time with offset; default: now")
     sp = sub.add_parser("show", help="state, timeline, amounts and deadline of a return")
@@ -108,22 +111,26 @@ def _note(text: str) -> str:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from service.returns import Actor
-    from service.steps import Pipeline, utcnow
+    from adapters.clock import utcnow
+    from service.steps import Pipeline
 
-    now = _time(args.now, "--now") or utcnow()
     if args.cmd == "demo":
         from entrypoints.demo import run_demo
 
         return run_demo(exit_when_done=args.exit_when_done, in_process=args.in_process)
+    fixed = _time(args.now, "--now")
+    now = fixed or utcnow()
     # Every input is read and validated before the database is touched: a refused command writes nothing,
-    # not even a fresh database.
+    # not even a fresh database (nor a flow run).
     schemas = {"import": ImportIn, "quote": ReturnRequestIn, "request": ReturnRequestIn, "receive": ReceiptIn}
     payload: Any = parse(schemas[args.cmd], _read(args.file)) if args.cmd in schemas else None
     rma = parse_rma(args.rma) if getattr(args, "rma", None) is not None else None
     note = _note(args.note) if getattr(args, "note", None) is not None else None
     by = _operator(args.by) if getattr(args, "by", None) is not None else None
     as_of = (_time(args.as_of, "--as-of") or now) if args.cmd == "sweep" else now
+    through_prefect = bool(os.environ.get("PREFECT_API_URL")) and args.cmd in VERBS
+    if through_prefect and fixed is not None:
+        raise InvalidInput("--now replays a verb here and cannot reach a flow run: unset PREFECT_API_URL to use it")
     pipeline = Pipeline.from_env()
     if args.cmd == "db":
         from adapters.db import upgrade
@@ -132,40 +139,43 @@ def run(argv: list[str]) -> int:
         _print({"upgraded": True})
         return 0
     ensure_schema(pipeline)
-    reads: dict[str, Callable[[], Any]] = {
-        "import": lambda: pipeline.import_data(payload),
-        "quote": lambda: pipeline.quote(payload, now),
-        "show": lambda: pipeline.show(rma, now),
-        "relay": lambda: pipeline.relay(now),
-    }
-    if args.cmd in reads:
-        _print(reads[args.cmd]())
+    if args.cmd == "import":
+        _print(pipeline.import_data(payload).as_dict())
         return 0
-    if args.cmd == "request":
-        out = pipeline.request(payload, now, Actor("api"))
-        if out.get("rma_number") and out["state"] == "authorized":
-            pipeline.render_label(out["rma_number"])
-    elif args.cmd == "receive":
-        out = pipeline.receive(payload, now)
-    elif args.cmd == "process":
-        out = pipeline.process(rma, now, Actor("cli"))
-        if out is None:
-            raise InvalidInput(f"{rma} is not waiting to be processed (see `returns show {rma}`)")
-    elif args.cmd == "sweep":
-        out = {"as_of": as_of.isoformat()} | pipeline.sweep(as_of)
-        out["board"] = pipeline.board(as_of)
-    elif args.cmd == "review":
-        out = pipeline.review(rma, args.authorize, note, by, now)
-        if out["state"] == "authorized":
-            pipeline.render_label(out["rma_number"])
-        elif out["state"] == "processing":
-            out = pipeline.finish(out["rma_number"], now, Actor(f"operator:{by}"))
-    elif args.cmd == "cancel":
-        out = pipeline.cancel(rma, note, by, now)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise InvalidInput(f"unknown command {args.cmd}")
-    _print(dict(out) | {"emails": pipeline.relay(now)})
+    if args.cmd == "quote":
+        _print(pipeline.quote(payload, now))
+        return 0
+    if args.cmd == "show":
+        _print(pipeline.show(rma, now))
+        return 0
+    verbs = _verbs(pipeline, through_prefect, fixed)
+    calls: dict[str, Callable[[], Any]] = {
+        "request": lambda: verbs.request(payload),
+        "receive": lambda: verbs.receive(payload),
+        "process": lambda: verbs.process(rma, by or "cli"),
+        "review": lambda: verbs.review(rma, args.authorize, note, by),
+        "cancel": lambda: verbs.cancel(rma, note, by),
+        "sweep": lambda: verbs.sweep(as_of),
+        "relay": lambda: verbs.relay(),
+    }
+    _print(calls[args.cmd]())
     return 0
+
+
+VERBS = frozenset({"request", "receive", "process", "review", "cancel", "sweep", "relay"})
+
+
+def _verbs(pipeline: Any, through_prefect: bool, fixed: datetime | None) -> Any:
+    """The verbs through the configured Prefect API (a run of each verb's deployment), else run here."""
+    if through_prefect:
+        from entrypoints.prefect_api import PrefectApi
+        from entrypoints.verbs import ThroughPrefect
+
+        return ThroughPrefect(PrefectApi(os.environ["PREFECT_API_URL"], os.environ.get("PREFECT_API_AUTH_STRING")),
+                              pipeline)
+    from entrypoints.verbs import Direct
+
+    return Direct(pipeline, (lambda: fixed) if fixed is not None else Direct.clock)
 
 
 def ensure_schema(pipeline: Any) -> None:
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid input: {explain(exc)}", EXIT_INPUT)
     except NotFound as exc:
         return _fail(str(exc), EXIT_NOT_FOUND)
+    except RunFailed as exc:
+        return _fail(str(exc), _run_exit_code(str(exc)))
     except TransientError as exc:
         return _fail(f"temporarily unavailable, try again: {exc}", EXIT_TRANSIENT)
     except ReturnsError as exc:
@@ -196,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
         _log_internal(exc)
         return _fail(f"internal error ({type(exc).__name__}); details in the log under RETURNS_HOME", EXIT_INTERNAL)
+
+
+def _run_exit_code(message: str) -> int:
+    """The exit code the verb would have had run here, from the error class the failed run's state names."""
+    for names, code in ((("NotFound",), EXIT_NOT_FOUND),
+                        (("TransientError", "StaleState", "Unavailable", "TimeoutError"), EXIT_TRANSIENT)):
+        if any(f"{name}:" in message or f"{name}(" in message for name in names):
+            return code
+    return EXIT_INPUT
 
 
 def _fail(message: str, code: int) -> int:

@@ -6,14 +6,13 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from adapters.clock import utcnow
+from entrypoints.verbs import Direct, ThroughPrefect, Verbs
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
-from service.returns import Actor
-from service.steps import utcnow
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
@@ -32,6 +31,7 @@ RECEIPTS: dict[str, dict[str, tuple[int, int, int, int]]] = {
     "IS-1011": {"AG-RET-SRM": (0, 0, 1, 0), "IL-FIRM-MASK": (1, 0, 0, 0)},
 }
 REVIEW_BEFORE_RECEIPT = "IS-1006"  # no expiry recorded (R2): the operator checks the lot and authorizes
+OPERATOR = "demo-operator"
 REVIEW_AFTER_RECEIPT = "IS-1011"  # damaged in transit back (R12): settled only after the sweeps have escalated it
 
 
@@ -54,60 +54,17 @@ def shifted_catalog(now: datetime) -> dict[str, Any]:
     return data
 
 
-class Driver(Protocol):
-    """How the demo reaches the pipeline: in-process steps, or Prefect deployments over the API."""
-
-    def request(self, req: ReturnRequestIn) -> dict[str, Any]: ...
-    def review(self, rma: str, note: str) -> dict[str, Any]: ...
-    def receive(self, receipt: ReceiptIn) -> dict[str, Any]: ...
-    def sweep(self, as_of: datetime) -> None: ...
-    def relay(self) -> dict[str, int]: ...
-
-
-@dataclass
-class InProcess:
-    """Drives the steps directly (no Prefect): the floor the orchestrated pipeline is measured against."""
-
-    pipeline: Any
-
-    def request(self, req: ReturnRequestIn) -> dict[str, Any]:
-        out = self.pipeline.request(req, utcnow(), Actor("api"))
-        if out["state"] == "authorized":
-            self.pipeline.render_label(out["rma_number"])
-        return out
-
-    def review(self, rma: str, note: str) -> dict[str, Any]:
-        out = self.pipeline.review(rma, True, note, "demo-operator", utcnow())
-        if out["state"] == "authorized":
-            self.pipeline.render_label(rma)
-        elif out["state"] == "processing":
-            out = self.pipeline.finish(rma, utcnow(), Actor("operator:demo-operator"))
-        return out
-
-    def receive(self, receipt: ReceiptIn) -> dict[str, Any]:
-        out = self.pipeline.receive(receipt, utcnow())
-        if out["state"] == "received":
-            out = self.pipeline.process(receipt.rma, utcnow(), Actor("operator:lantana-dock")) or out
-        return out
-
-    def sweep(self, as_of: datetime) -> None:
-        self.pipeline.sweep(as_of)
-
-    def relay(self) -> dict[str, int]:
-        report = self.pipeline.relay(utcnow())
-        return {"sent": len(report["sent"]), "failed": len(report["failed"])}
-
-
 def _say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
-def run_sample(driver: Driver, pipeline: Any) -> dict[str, dict[str, Any]]:
+def run_sample(verbs: Verbs, pipeline: Any) -> dict[str, dict[str, Any]]:
     """Drive every sample return through its life; return the final `show` of each, keyed by order number."""
+    mail = MailCounter(pipeline)
     samples = json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
     started = utcnow()
-    counts = pipeline.import_data(parse(ImportIn, shifted_catalog(started)))
+    counts = pipeline.import_data(parse(ImportIn, shifted_catalog(started))).as_dict()
     _say(f"imported {counts['products']} products, {counts['customers']} customers, "
          f"{counts['orders_added']} orders (sample dates moved to today)")
     _say("\n== requests arrive from the storefront (P1-P6, R1-R15)")
@@ -115,15 +72,15 @@ def run_sample(driver: Driver, pipeline: Any) -> dict[str, dict[str, Any]]:
     for sample in samples:
         key = f"demo-{started:%Y%m%d%H%M%S}-{sample['request']['order_number']}"  # unique per demo run
         req = parse(ReturnRequestIn, sample["request"] | {"idempotency_key": key})
-        out = driver.request(req)
+        out = verbs.request(req)
         _say(f"  {req.order_number:8} {out['decision']:10} {out.get('rma_number') or '-':12} "
              f"refund {out['refund_total']:>7}  [{','.join(out.get('clauses', []))}]  {sample['label']}")
         if out.get("rma_number"):
             by_order[req.order_number] = out["rma_number"]
-    _report_mail(driver.relay())
+    mail.report(verbs.relay())
 
     _say(f"\n== an operator settles the review of {REVIEW_BEFORE_RECEIPT} (R2: expiry checked by hand)")
-    out = driver.review(by_order[REVIEW_BEFORE_RECEIPT], "lot expiry checked: more than a year out")
+    out = verbs.review(by_order[REVIEW_BEFORE_RECEIPT], True, "lot expiry checked: more than a year out", OPERATOR)
     _say(f"  {REVIEW_BEFORE_RECEIPT:8} -> {out['state']}")
 
     _say("\n== parcels received at Lantana (P7, P8, R12); processing starts at once")
@@ -133,29 +90,35 @@ def run_sample(driver: Driver, pipeline: Any) -> dict[str, dict[str, Any]]:
                                     "by": "lantana-dock",
                                     "lines": [{"sku": sku, "unopened": c[0], "opened": c[1], "damaged": c[2],
                                                "missing": c[3]} for sku, c in lines.items()]})
-        out = driver.receive(receipt)
+        out = verbs.receive(receipt)
         _say(f"  {order:8} {by_order[order]:12} -> {out['state']}"
              + (f"  refunded {out['refund_total']}" if "refund_total" in out else ""))
-    _report_mail(driver.relay())
+    mail.report(verbs.relay())
 
     for title, as_of in (("R9: due soon", received_at + DUE_SOON_AFTER_RECEIPT),
                          ("R8 expiry, R9 overdue", started + EXPIRED_AFTER_REQUEST)):
         _say(f"\n== deadline sweep replayed as of {as_of.isoformat(timespec='minutes')} ({title})")
-        driver.sweep(as_of)
-        board = pipeline.board(as_of)
+        board = verbs.sweep(as_of)["board"]
         _say(f"  states {board['counts']}  due soon {board['due_soon']}  overdue {board['overdue']}")
-    _report_mail(driver.relay())
+    mail.report(verbs.relay())
 
     _say(f"\n== an operator settles {REVIEW_AFTER_RECEIPT} (damaged in transit back, R12)")
-    out = driver.review(by_order[REVIEW_AFTER_RECEIPT], "carrier damage; refund in full, claim filed")
+    out = verbs.review(by_order[REVIEW_AFTER_RECEIPT], True, "carrier damage; refund in full, claim filed", OPERATOR)
     _say(f"  {REVIEW_AFTER_RECEIPT:8} -> {out['state']}")
-    _report_mail(driver.relay())
+    mail.report(verbs.relay())
     return {order: pipeline.show(rma, utcnow()) for order, rma in by_order.items()}
 
 
-def _report_mail(report: dict[str, int]) -> None:
-    sent, failed = report["sent"], report["failed"]
-    _say(f"  emails: {sent} sent" + (f", {failed} FAILED" if failed else ""))
+class MailCounter:
+    """Emails sent since the last report, whoever sent them (the stages send their own; the relay the rest)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline, self.sent = pipeline, pipeline.outbox_counts()["sent"]
+
+    def report(self, _relayed: dict[str, Any]) -> None:
+        counts = self.pipeline.outbox_counts()
+        sent, self.sent = counts["sent"] - self.sent, counts["sent"]
+        _say(f"  emails: {sent} sent" + (f", {counts['failed']} FAILED" if counts["failed"] else ""))
 
 
 def summarize(final: dict[str, dict[str, Any]], home: Path) -> None:
@@ -191,13 +154,13 @@ def run_demo(exit_when_done: bool = True, in_process: bool = False) -> int:
     """`returns demo`: the sample through the served Prefect deployments (or in-process), then a summary."""
     pipeline = demo_pipeline()
     if in_process:
-        final = run_sample(InProcess(pipeline), pipeline)
+        final = run_sample(Direct(pipeline), pipeline)
         summarize(final, pipeline.settings.home)
         return 0
     from entrypoints.orchestrate import orchestrated
 
     with orchestrated(pipeline.settings.home.parent / "prefect") as driver:
-        final = run_sample(driver, pipeline)
+        final = run_sample(ThroughPrefect(driver.api, pipeline), pipeline)
         summarize(final, pipeline.settings.home)
         _say(f"\n  Prefect UI: {driver.ui_url}  (flow runs, the 'return-rma-...' artifacts, events)")
         if not exit_when_done:

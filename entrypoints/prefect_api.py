@@ -1,7 +1,9 @@
-"""A client of Prefect's REST API for our entry points: create a deployment's flow run, wait for it to end."""
+"""A client of Prefect's REST API for our entry points: create a deployment's flow run, wait for it, read back
+what it left (its artifacts)."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,6 +12,7 @@ import httpx
 from models.errors import PermanentError, TransientError
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+BUSY = (429, 503)  # the server asks us to come back (SQLite lock contention answers 503)
 
 
 class RunFailed(PermanentError):
@@ -19,30 +22,38 @@ class RunFailed(PermanentError):
 class PrefectApi:
     """The HTTP calls a storefront or an operator tool makes: create a deployment's flow run, watch it."""
 
-    def __init__(self, api_url: str, auth: str | None = None) -> None:
+    def __init__(self, api_url: str, auth: str | None = None, patience: float = 120.0) -> None:
         self.api_url = api_url.rstrip("/")
         headers = {"Authorization": f"Basic {auth}"} if auth else {}
         self.http = httpx.Client(base_url=self.api_url, timeout=30, headers=headers)
+        self.patience = patience
         self._deployments: dict[str, str] = {}
+        self.busy: dict[int, int] = {}  # busy answers retried, by status (the benchmark reports them)
 
     def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One API call, retried with backoff while the server is busy (503/429) or unreachable."""
+        """One API call, retried with capped backoff while the server is busy or unreachable, until `patience`
+        seconds have passed (a count of attempts gave up within seconds under load)."""
+        deadline = time.monotonic() + self.patience
         delay = 0.05
-        for attempt in range(12):
+        while True:
             try:
                 r = self.http.request(method, url, **kwargs)
-                if r.status_code not in (429, 503):
+                if r.status_code not in BUSY:
                     return r
-            except httpx.TransportError:
-                if attempt == 11:
-                    raise
+                self.busy[r.status_code] = self.busy.get(r.status_code, 0) + 1
+                failure = f"the Prefect API stayed busy (HTTP {r.status_code})"
+            except httpx.TransportError as exc:
+                failure = f"the Prefect API at {self.api_url} did not answer ({type(exc).__name__})"
+            if time.monotonic() + delay > deadline:
+                raise TransientError(failure)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-        return r
 
     def deployment_id(self, name: str) -> str:
         if name not in self._deployments:
             r = self._call("GET", f"/deployments/name/{name}")
+            if r.status_code == 404:
+                raise TransientError(f"deployment {name} is not registered on the Prefect API (is the worker up?)")
             r.raise_for_status()
             self._deployments[name] = r.json()["id"]
         return self._deployments[name]
@@ -54,11 +65,12 @@ class PrefectApi:
             body["idempotency_key"] = idempotency_key
         r = self._call("POST", f"/deployments/{self.deployment_id(deployment)}/create_flow_run", json=body)
         if r.status_code == 409:
-            raise PermanentError(f"refused by the Prefect API: {r.json().get('detail', r.text)[:300]}")
+            raise PermanentError(f"refused by the Prefect API: {str(r.json().get('detail', r.text))[:300]}")
         r.raise_for_status()
         return str(r.json()["id"])
 
-    def wait(self, run_id: str, timeout: float = 120.0, poll: float = 0.05) -> dict[str, Any]:
+    def wait(self, run_id: str, timeout: float = 300.0, poll: float = 0.05, max_poll: float = 0.5) -> dict[str, Any]:
+        """The finished run; RunFailed with its state's message unless it completed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r = self._call("GET", f"/flow_runs/{run_id}")
@@ -70,7 +82,23 @@ class PrefectApi:
                                     f"{(run['state'].get('message') or '')[:300]}")
                 return dict(run)
             time.sleep(poll)
+            poll = min(poll * 1.5, max_poll)
         raise TransientError(f"flow run {run_id} did not finish within {timeout:.0f} s")
 
-    def run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        return self.wait(self.create_run(deployment, parameters, idempotency_key))
+    def run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> str:
+        """Create a run and wait for it to complete; its id."""
+        run_id = self.create_run(deployment, parameters, idempotency_key)
+        self.wait(run_id)
+        return run_id
+
+    def table_artifact(self, run_id: str, key: str) -> list[dict[str, Any]]:
+        """The rows of the table artifact `key` that the run created (none if it made none)."""
+        r = self._call("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}, "limit": 1})
+        r.raise_for_status()
+        found = r.json()
+        if not found:
+            return []
+        data = found[0]["data"]
+        rows = json.loads(data) if isinstance(data, str) else data
+        return [dict(row) for row in rows]

@@ -7,7 +7,7 @@ MAX_AMOUNT = Decimal("1000000.00")
 
 
 def round_cents(amount: Decimal) -> Decimal:
-    """Round half-up to the cent (POLICY.md: money rounds half-up)."""
+    """Round half-up to the cent (docs/policy.md: money rounds half-up)."""
     return amount.quantize(CENT, rounding=ROUND_HALF_UP)
 
 

@@ -1,4 +1,4 @@
-"""The return policy (POLICY.md P1-P10, R1-R15) as pure functions of stored facts and `now`."""
+"""The return policy (docs/policy.md P1-P10, R1-R15) as pure functions of stored facts and `now`."""
 
 from __future__ import annotations
 
@@ -41,18 +41,7 @@ class Basis(StrEnum):
     NONE = "-"
 
 
-class Condition(StrEnum):
-    UNOPENED = "unopened"
-    OPENED = "opened"
-    DAMAGED = "damaged"
-    MISSING = "missing"
-
-
 NON_RETURNABLE_KINDS = frozenset({"tshirt", "trial_kit", "sample"})
-PRODUCT_KINDS = frozenset({"skincare", "tshirt", "trial_kit", "sample", "other"})
-SIZES = frozenset({"retail", "travel", "professional"})
-CHANNELS = frozenset({"direct", "partner"})
-PAYMENT_METHODS = frozenset({"amex", "visa", "mastercard", "discover", "paypal", "apple_pay", "afterpay"})
 
 DEFAULT_RESOLUTION = {
     Reason.UNWANTED: Resolution.REFUND,
@@ -70,7 +59,7 @@ ALLOWED_RESOLUTIONS = {
 
 @dataclass(frozen=True)
 class Policy:
-    """One versioned policy: every number of POLICY.md is a field, so a shop changes data, not code."""
+    """One versioned policy: every number of docs/policy.md is a field, so a shop changes data, not code."""
 
     version: str = "image-skincare-2026.1"
     timezone: str = "America/New_York"
@@ -99,7 +88,7 @@ class Policy:
         return issued_at + timedelta(days=self.rma_valid_days)
 
     def processing_deadline(self, received_at: datetime) -> datetime:
-        """P8, R9: processed within 10 days of receipt."""
+        """P8, R9: processed within `processing_days` of receipt."""
         return received_at + timedelta(days=self.processing_days)
 
     def due_soon_at(self, deadline: datetime) -> datetime:
@@ -239,7 +228,7 @@ def add_years(day: date, years: int) -> date:
 
 
 def restocking_fee(policy: Policy, price_paid: Decimal) -> Decimal:
-    """R4: 20 % of the price paid on the line (tax excluded), rounded half-up to the cent."""
+    """R4: `restocking_fee_rate` of the price paid on the line (tax excluded), rounded half-up to the cent."""
     return round_cents(price_paid * policy.restocking_fee_rate)
 
 
@@ -273,14 +262,14 @@ def _line(
 def _decide_damage(
     policy: Policy, order: OrderFacts, req: RequestedLine, line: LineFacts, resolution: Resolution, now: datetime
 ) -> LineDecision:
-    """P5 / R6 / R15: damage and shipping errors, reported within 48 hours of delivery."""
+    """P5 / R6 / R15: damage and shipping errors, reported within `damage_report_hours` of delivery."""
     price, tax = line_amounts(line.unit_price, line.unit_tax, req.quantity)
     refund = price + tax if resolution is Resolution.REFUND else Decimal("0.00")
     if order.delivered_at is None:
         return _line(
             req, Outcome.REVIEW, Basis.DAMAGE, ("P5", "R15"),
-            "The order has no recorded delivery time, so the 48-hour window cannot be checked; "
-            "Customer Care will review the claim.",
+            f"The order has no recorded delivery time, so the {policy.damage_report_hours}-hour window cannot be "
+            "checked; Customer Care will review the claim.",
             refund=refund,
         )
     if now - order.delivered_at > timedelta(hours=policy.damage_report_hours):
@@ -292,14 +281,14 @@ def _decide_damage(
     if resolution is Resolution.REFUND:
         return _line(
             req, Outcome.AUTHORIZED, Basis.DAMAGE, ("P5", "R6"),
-            "Reported within 48 hours of delivery: full refund of price and tax, no restocking fee, "
-            "return postage paid by the shop.",
+            f"Reported within {policy.damage_report_hours} hours of delivery: full refund of price and tax, "
+            "no restocking fee, return postage paid by the shop.",
             refund=refund,
         )
     return _line(
         req, Outcome.AUTHORIZED, Basis.DAMAGE, ("P5", "R6"),
-        "Reported within 48 hours of delivery: a replacement ships when the item is received; "
-        "return postage paid by the shop.",
+        f"Reported within {policy.damage_report_hours} hours of delivery: a replacement ships when the item is "
+        "received; return postage paid by the shop.",
     )
 
 
@@ -311,7 +300,7 @@ def _decide_exchange(
     exchange_price: Decimal | None,
     now: datetime,
 ) -> LineDecision:
-    """P6 / R7: the wrong product, asked within 30 days of the order, comes back unopened for the right one."""
+    """P6 / R7: the wrong product, asked within `wrong_product_days` of the order, comes back unopened for the right."""
     days = (policy.local_date(now) - policy.local_date(order.placed_at)).days
     if days > policy.wrong_product_days:
         return _line(
@@ -700,7 +689,7 @@ class Flag(StrEnum):
 
 
 def deadline_flag(policy: Policy, deadline: datetime, as_of: datetime) -> Flag:
-    """R9: due soon within 48 hours of the deadline, overdue past it."""
+    """R9: due soon within `escalate_before_hours` of the deadline, overdue past it."""
     if as_of >= deadline:
         return Flag.OVERDUE
     if as_of >= policy.due_soon_at(deadline):

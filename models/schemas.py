@@ -6,9 +6,19 @@ import json
 from datetime import date
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from models.errors import InvalidInput
+from models.policy import Reason, Resolution
 
 # Printable text only: no control characters (they end up in PDFs, emails and logs), C1 and Unicode line breaks
 # included, nor the bidirectional overrides that make a name display as something else.
@@ -16,8 +26,9 @@ _PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Text = Annotated[str, StringConstraints(max_length=200, pattern=_PRINTABLE)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
-_ADDRESS = r"^[^@\s\x00-\x1f\x7f<>,;]+@[^@\s\x00-\x1f\x7f<>,;]+$"
-Email = Annotated[str, StringConstraints(min_length=3, max_length=254, pattern=_ADDRESS)]
+# The one email validator (pydantic's, RFC 5322 addr-spec without display name); bounded before it runs.
+Email = Annotated[EmailStr, StringConstraints(max_length=254)]
+EMAIL = TypeAdapter(Email)
 Money = Annotated[str, StringConstraints(max_length=16, pattern=r"^\d{1,7}(\.\d{1,2})?$")]
 Quantity = Annotated[int, Field(gt=0, le=10_000)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
@@ -101,8 +112,8 @@ class ReturnRequestIn(Strict):
 
     order_number: Key
     email: Email
-    reason: Literal["unwanted", "damaged", "shipping_error", "wrong_product"]
-    resolution: Literal["refund", "replacement", "exchange"] | None = None
+    reason: Reason
+    resolution: Resolution | None = None
     lines: Annotated[list[RequestLineIn], Field(min_length=1, max_length=50)]
     idempotency_key: IdempotencyKey | None = None
 

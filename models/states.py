@@ -1,4 +1,4 @@
-"""The return lifecycle: nine states and the one table of allowed transitions (DESIGN.md)."""
+"""The return lifecycle: nine states and the one table of allowed transitions (docs/architecture.md)."""
 
 from enum import StrEnum
 

@@ -1,12 +1,17 @@
-"""SQLModel tables: the returns database is the source of truth (DESIGN.md). Money is integer cents."""
+"""SQLModel tables: the returns database is the source of truth (docs/architecture.md). Money is integer cents."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from models.notices import MessageKind, OutboxStatus
+from models.policy import Basis, Outcome, Reason, Resolution
+from models.states import State
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -28,6 +33,31 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A StrEnum stored as its plain value (VARCHAR, no database enum type) and read back as the enum."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: object) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: object) -> E | None:
+        return None if value is None else self.enum(value)
+
+
+def enum_column(enum: type[StrEnum], length: int, *, nullable: bool = False, index: bool = False) -> Any:
+    """A typed StrEnum column (a Field: typed Any, as SQLModel's own Field is)."""
+    return Field(sa_column=Column(EnumText(enum, length), nullable=nullable, index=index))
 
 
 def ts(nullable: bool = True, index: bool = False) -> Any:
@@ -99,9 +129,9 @@ class Return(SQLModel, table=True):
     rma: str | None = Field(default=None, unique=True, max_length=16)
     order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
     idempotency_key: str | None = Field(default=None, max_length=128)
-    reason: str = Field(max_length=20)
-    resolution: str = Field(max_length=20)
-    state: str = Field(index=True, max_length=20)
+    reason: Reason = enum_column(Reason, 20)
+    resolution: Resolution = enum_column(Resolution, 20)
+    state: State = enum_column(State, 20, index=True)
     policy_version: str = Field(max_length=40)
     decision: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     refund_total_cents: int = 0
@@ -126,8 +156,8 @@ class ReturnLine(SQLModel, table=True):
     quantity: int
     unopened_declared: bool
     exchange_sku: str | None = Field(default=None, max_length=64)
-    outcome: str = Field(max_length=20)
-    basis: str = Field(max_length=4)
+    outcome: Outcome = enum_column(Outcome, 20)
+    basis: Basis = enum_column(Basis, 4)
     clauses: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     reason_text: str = Field(sa_column=Column(Text, nullable=False))
     refund_cents: int = 0
@@ -148,8 +178,8 @@ class Transition(SQLModel, table=True):
     __tablename__ = "transitions"
     id: int | None = Field(default=None, primary_key=True)
     return_id: int = Field(foreign_key="returns.id", index=True)
-    from_state: str | None = Field(default=None, max_length=20)
-    to_state: str = Field(max_length=20)
+    from_state: State | None = Field(default=None, sa_column=Column(EnumText(State, 20), nullable=True))
+    to_state: State = enum_column(State, 20)
     at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     actor: str = Field(max_length=80)
     flow_run_id: str | None = Field(default=None, max_length=64)
@@ -196,11 +226,12 @@ class OutboxMessage(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(unique=True, max_length=128)  # "<return id>:<kind>" - one message per (return, kind)
     return_id: int | None = Field(default=None, foreign_key="returns.id", index=True)
-    kind: str = Field(max_length=40)
+    kind: MessageKind = enum_column(MessageKind, 40)
     recipient: str = Field(max_length=254)
     context: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     message_id: str = Field(max_length=200)
-    status: str = Field(default="pending", max_length=10)  # pending | sent | failed
+    status: OutboxStatus = Field(default=OutboxStatus.PENDING,
+                                 sa_column=Column(EnumText(OutboxStatus, 10), nullable=False))
     attempts: int = 0
     next_attempt_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     last_error: str | None = Field(default=None, sa_column=Column(Text))

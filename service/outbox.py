@@ -8,11 +8,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlmodel import Session
 
+from models.notices import MessageKind, OutboxStatus
 from models.tables import OutboxMessage
-
-CUSTOMER_KINDS = frozenset({"rma_issued", "declined", "received", "processed", "expired"})
-CARE_KINDS = frozenset({"review_needed", "due_soon", "overdue"})
-KINDS = CUSTOMER_KINDS | CARE_KINDS
 
 
 def message_id_for(key: str, domain: str) -> str:
@@ -25,7 +22,7 @@ def enqueue(
     session: Session,
     *,
     key: str,
-    kind: str,
+    kind: MessageKind,
     recipient: str,
     context: dict[str, object],
     return_id: int | None,
@@ -33,8 +30,7 @@ def enqueue(
     domain: str,
 ) -> OutboxMessage:
     """Add the message unless one with `key` exists (then return that one); never commits."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown message kind {kind}")
+    kind = MessageKind(kind)
     existing = session.scalars(select(OutboxMessage).where(OutboxMessage.key == key)).first()
     if existing is not None:
         return existing
@@ -45,7 +41,7 @@ def enqueue(
         recipient=recipient,
         context=context,
         message_id=message_id_for(key, domain),
-        status="pending",
+        status=OutboxStatus.PENDING,
         attempts=0,
         next_attempt_at=now,
         created_at=now,

@@ -10,9 +10,9 @@ relay sends it again with the same Message-ID (at-least-once, never lost).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select, update
@@ -22,17 +22,19 @@ from adapters.crashpoints import crash_point
 from adapters.db import unit_of_work
 from adapters.mail.message import AttachmentMissing, render
 from adapters.mail.transport import Transport, TransportUnavailable
+from adapters.redact import redact
 from models.errors import PermanentError
+from models.notices import MessageKind, OutboxStatus
 from models.tables import OutboxMessage
 
 if TYPE_CHECKING:
     from adapters.config import Settings
 
 LEASE = timedelta(minutes=5)
+CLAIM_WINDOW = 20  # rows looked at per claim, so a few 'RMA issued' rows waiting for their label block nothing
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_CAP = timedelta(hours=1)
 
-_ADDRESS_LIKE = re.compile(r"[^\s<>@\"',;:()\[\]]+@[^\s<>@\"',;:()\[\]]+")
 
 
 @dataclass
@@ -43,6 +45,27 @@ class RelayReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     deferred: list[dict[str, Any]] = field(default_factory=list)
     halted: str | None = None  # why the run stopped early (the transport is unreachable), else None
+
+    OUTCOMES = ("sent", "failed", "deferred")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per message handled, for a run's table artifact (ids, kinds, errors: no addresses)."""
+        return [{"outcome": outcome, **row} for outcome in self.OUTCOMES for row in getattr(self, outcome)] + (
+            [{"outcome": "halted", "error": self.halted}] if self.halted else [])
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> RelayReport:
+        report = cls()
+        for row in rows:
+            outcome = row.pop("outcome", None)
+            if outcome == "halted":
+                report.halted = row.get("error")
+            elif outcome in cls.OUTCOMES:
+                getattr(report, outcome).append(row)
+        return report
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sent": self.sent, "failed": self.failed, "deferred": self.deferred, "halted": self.halted}
 
 
 @dataclass(frozen=True)
@@ -70,20 +93,31 @@ def backoff(row_id: int, attempts: int) -> timedelta:
 
 
 def scrub(text: str, limit: int = 500) -> str:
-    """An error message fit for logs: anything shaped like an email address is replaced."""
-    return _ADDRESS_LIKE.sub("<address>", text)[:limit]
+    """An error message fit for logs: email addresses and phone numbers are replaced (the one redaction)."""
+    return redact(text)[:limit]
 
 
-def _claim(engine: Engine, now: datetime, lease: timedelta) -> _Claimed | None:
-    """The oldest due pending row, leased to this relay (attempts counted now); None when nothing is due."""
+def _label_written(home: Path, row: OutboxMessage) -> bool:
+    """An 'RMA issued' row waits until its label PDF is on disk (it is written after the commit that queued it)."""
+    label = row.context.get("label_file")
+    if row.kind is not MessageKind.RMA_ISSUED or not isinstance(label, str):
+        return True
+    path = (home / label).resolve()
+    # A path outside the home is picked up at once, so rendering fails the row visibly instead of it waiting forever.
+    return not path.is_relative_to(home.resolve()) or path.exists()
+
+
+def _claim(engine: Engine, now: datetime, lease: timedelta, home: Path, return_id: int | None) -> _Claimed | None:
+    """The oldest due pending row (of `return_id` when given) whose attachment is ready, leased to this relay
+    (attempts counted now); None when nothing is due."""
     with unit_of_work(engine) as session:
-        row = session.scalars(
-            select(OutboxMessage)
-            .where(col(OutboxMessage.status) == "pending", col(OutboxMessage.next_attempt_at) <= now)
-            .order_by(col(OutboxMessage.id))
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
+        query = (select(OutboxMessage)
+                 .where(col(OutboxMessage.status) == OutboxStatus.PENDING, col(OutboxMessage.next_attempt_at) <= now))
+        if return_id is not None:
+            query = query.where(col(OutboxMessage.return_id) == return_id)
+        rows = session.scalars(query.order_by(col(OutboxMessage.id)).limit(CLAIM_WINDOW)
+                               .with_for_update(skip_locked=True)).all()
+        row = next((r for r in rows if _label_written(home, r)), None)
         if row is None or row.id is None:
             return None
         row.attempts += 1
@@ -104,7 +138,7 @@ def _record(engine: Engine, row_id: int, **values: object) -> None:
     with unit_of_work(engine) as session:
         session.exec(
             update(OutboxMessage)
-            .where(col(OutboxMessage.id) == row_id, col(OutboxMessage.status) == "pending")
+            .where(col(OutboxMessage.id) == row_id, col(OutboxMessage.status) == OutboxStatus.PENDING)
             .values(**values)
         )
 
@@ -115,7 +149,8 @@ def _retry_later(
     """Back off (or, out of attempts, fail visibly); returns the logged error."""
     error = scrub(f"{type(exc).__name__}: {exc}")
     if row.attempts >= max_attempts:
-        _record(engine, row.id, status="failed", last_error=f"gave up after {row.attempts} attempts: {error}")
+        gave_up = f"gave up after {row.attempts} attempts: {error}"
+        _record(engine, row.id, status=OutboxStatus.FAILED, last_error=gave_up)
         report.failed.append({**row.info(), "error": error})
     else:
         retry_at = now + backoff(row.id, row.attempts)
@@ -133,18 +168,20 @@ def relay(
     limit: int = 100,
     max_attempts: int = 8,
     lease: timedelta = LEASE,
+    return_id: int | None = None,
 ) -> RelayReport:
-    """Send up to `limit` due outbox rows in id order; a row is marked sent only after its send succeeded."""
+    """Send up to `limit` due outbox rows in id order (only `return_id`'s when given: a stage sends its own mail);
+    a row is marked sent only after its send succeeded."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     report = RelayReport()
     for _ in range(limit):
-        row = _claim(engine, now, lease)
+        row = _claim(engine, now, lease, settings.home, return_id)
         if row is None:
             break
         if row.attempts > max_attempts:  # earlier attempts died mid-send (crash): stop trying, visibly
             error = f"gave up: {row.attempts - 1} attempts started, none recorded an outcome"
-            _record(engine, row.id, status="failed", last_error=error)
+            _record(engine, row.id, status=OutboxStatus.FAILED, last_error=error)
             report.failed.append({**row.info(), "error": error})
             continue
         try:
@@ -163,7 +200,7 @@ def relay(
             # that queued this email, and the sweep re-renders labels a crash left missing.
             if not isinstance(exc, AttachmentMissing):
                 error = scrub(f"{type(exc).__name__}: {exc}")
-                _record(engine, row.id, status="failed", last_error=error)
+                _record(engine, row.id, status=OutboxStatus.FAILED, last_error=error)
                 report.failed.append({**row.info(), "error": error})
                 continue
             _retry_later(engine, report, row, exc, now, max_attempts)
@@ -175,6 +212,6 @@ def relay(
                 break
             continue
         crash_point("relay.after-send")
-        _record(engine, row.id, status="sent", sent_at=now)
+        _record(engine, row.id, status=OutboxStatus.SENT, sent_at=now)
         report.sent.append(row.info())
     return report

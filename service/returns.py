@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from adapters.config import Settings
 from models import policy as pol
@@ -33,6 +33,7 @@ from models.tables import (
     Transition,
 )
 from service.outbox import enqueue
+from service.results import Decided, PlannedRefund, SweepPlan
 
 # States whose lines still hold units of the order line (R11): open returns and completed ones.
 HOLDS_UNITS = frozenset({State.REQUESTED, State.REVIEW, State.AUTHORIZED, State.RECEIVED,
@@ -46,6 +47,14 @@ class Actor:
 
     name: str
     flow_run_id: str | None = None
+
+    @classmethod
+    def operator(cls, name: str) -> Actor:
+        return cls(f"operator:{name}")
+
+    def in_run(self, flow_run_id: str | None) -> Actor:
+        """The same actor, acting inside a Prefect flow run (its id goes on the audit rows)."""
+        return Actor(self.name, flow_run_id)
 
 
 # ---- import ----------------------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ def _another_in_processing(session: Session, ret: Return) -> bool:
     _lock_order(session, ret.order_number)
     return session.scalars(select(Return.id).where(
         Return.order_number == ret.order_number, Return.id != ret.id,
-        Return.state == str(State.PROCESSING))).first() is not None
+        Return.state == State.PROCESSING)).first() is not None
 
 
 def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
@@ -144,10 +153,10 @@ def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
         return {}
     rows = session.execute(
         select(ReturnLine.order_line_id, func.sum(ReturnLine.quantity))
-        .join(Return, Return.id == ReturnLine.return_id)
-        .where(ReturnLine.order_line_id.in_(order_line_ids))  # type: ignore[attr-defined]
-        .where(Return.state.in_([str(s) for s in HOLDS_UNITS]))  # type: ignore[attr-defined]
-        .where(ReturnLine.outcome != str(Outcome.DECLINED))
+        .join(Return, col(Return.id) == ReturnLine.return_id)
+        .where(col(ReturnLine.order_line_id).in_(order_line_ids))
+        .where(col(Return.state).in_(list(HOLDS_UNITS)))
+        .where(ReturnLine.outcome != Outcome.DECLINED)
         .group_by(ReturnLine.order_line_id)
     ).all()
     return {int(r[0]): int(r[1]) for r in rows}
@@ -156,7 +165,8 @@ def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
 def _facts(session: Session, order: Order) -> tuple[pol.OrderFacts, dict[str, pol.LineFacts], dict[str, OrderLine]]:
     lines = list(session.scalars(select(OrderLine).where(OrderLine.order_number == order.number)))
     held = units_held(session, [ln.id for ln in lines if ln.id is not None])
-    products = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_([ln.sku for ln in lines])))}  # type: ignore[attr-defined]
+    skus = [ln.sku for ln in lines]
+    products = {p.sku: p for p in session.scalars(select(Product).where(col(Product.sku).in_(skus)))}
     facts = {
         ln.sku: pol.LineFacts(
             sku=ln.sku, product_name=products[ln.sku].name, kind=products[ln.sku].kind, size=products[ln.sku].size,
@@ -185,7 +195,7 @@ def quote(session: Session, req: ReturnRequestIn, now: datetime, policy: Policy)
     order_facts, facts, _ = _facts(session, order)
     request = _to_request(req)
     wanted = {ln.sku for ln in request.lines} | {ln.exchange_sku for ln in request.lines if ln.exchange_sku}
-    known = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_(wanted)))}  # type: ignore[attr-defined]
+    known = {p.sku: p for p in session.scalars(select(Product).where(col(Product.sku).in_(wanted)))}
     pol.validate_request(request, facts, frozenset(known))
     prices = {sku: from_cents(p.price_cents) if p.price_cents is not None else None for sku, p in known.items()}
     return pol.decide(policy, order_facts, facts, request, now, prices)
@@ -202,13 +212,13 @@ def transition(
     current = State(ret.state)
     check_transition(current, target, received=ret.received_at is not None or "received_at" in values)
     result = session.execute(
-        update(Return).where(Return.id == ret.id, Return.state == str(current))  # type: ignore[arg-type]
-        .values(state=str(target), updated_at=now, **values)
+        update(Return).where(col(Return.id) == ret.id, Return.state == current)
+        .values(state=target, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:
         raise StaleState(f"return {ret.rma or ret.id} is no longer '{current}'")
-    session.add(Transition(return_id=ret.id, from_state=str(current), to_state=str(target), at=now,
+    session.add(Transition(return_id=ret.id, from_state=current, to_state=target, at=now,
                            actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {}))
     session.flush()
     session.refresh(ret)
@@ -238,7 +248,7 @@ def _unique_rma(session: Session) -> str:
 
 
 def _names(session: Session, skus: set[str]) -> dict[str, str]:
-    return {p.sku: p.name for p in session.scalars(select(Product).where(Product.sku.in_(skus)))}  # type: ignore[attr-defined]
+    return {p.sku: p.name for p in session.scalars(select(Product).where(col(Product.sku).in_(skus)))}
 
 
 def _customer(session: Session, ret: Return) -> Customer:
@@ -283,9 +293,9 @@ def _issue_context(session: Session, ret: Return, policy: Policy) -> dict[str, A
                    "refund": str(from_cents(ln.refund_cents)),
                    "restocking_fee": str(from_cents(ln.restocking_fee_cents)),
                    "basis": ln.basis, "clauses": ln.clauses}
-                  for ln in lines if ln.outcome != str(Outcome.DECLINED)],
+                  for ln in lines if ln.outcome != Outcome.DECLINED],
         "declined_lines": [{"sku": ln.sku, "name": names[ln.sku], "quantity": ln.quantity, "reason": ln.reason_text,
-                            "clauses": ln.clauses} for ln in lines if ln.outcome == str(Outcome.DECLINED)],
+                            "clauses": ln.clauses} for ln in lines if ln.outcome == Outcome.DECLINED],
         "refund_total": str(from_cents(ret.refund_total_cents)),
         "valid_until": policy.local_date(ret.rma_expires_at).isoformat(),
         "prepaid": ret.reason in (pol.Reason.DAMAGED, pol.Reason.SHIPPING_ERROR),
@@ -326,19 +336,17 @@ def _review(session: Session, ret: Return, now: datetime, actor: Actor, settings
 # ---- request ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RequestResult:
-    ret: Return
-    decision: dict[str, Any]
-    replayed: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rma_number": self.ret.rma, "state": self.ret.state, "return_id": self.ret.id,
-                "replayed": self.replayed} | self.decision
+def decided(ret: Return, replayed: bool = False) -> Decided:
+    """The typed outcome of a stored request, from its row."""
+    assert ret.id is not None
+    d = ret.decision
+    return Decided(return_id=ret.id, rma_number=ret.rma, state=ret.state, outcome=Outcome(str(d["decision"])),
+                   refund_total=Decimal(str(d["refund_total"])), clauses=tuple(str(c) for c in d.get("clauses", [])),
+                   replayed=replayed, decision=d)
 
 
 def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor: Actor, policy: Policy,
-                   settings: Settings) -> RequestResult:
+                   settings: Settings) -> Decided:
     """Decide and store a request; authorized ones get an RMA; a repeated idempotency key returns the first."""
     order, _ = _order_for_request(session, req)
     _lock_order(session, order.number)  # concurrent requests for the last units: one wins, the other hears R11
@@ -347,11 +355,11 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
         prior = session.scalars(select(Return).where(Return.order_number == order.number,
                                                      Return.idempotency_key == req.idempotency_key)).first()
         if prior is not None:
-            return RequestResult(prior, prior.decision, replayed=True)
+            return decided(prior, replayed=True)
     decision = quote(session, req, now, policy)
     _, _, order_lines = _facts(session, order)
-    ret = Return(order_number=order.number, idempotency_key=req.idempotency_key, reason=str(decision.reason),
-                 resolution=str(decision.resolution), state=str(State.REQUESTED),
+    ret = Return(order_number=order.number, idempotency_key=req.idempotency_key, reason=decision.reason,
+                 resolution=decision.resolution, state=State.REQUESTED,
                  policy_version=decision.policy_version,
                  decision=decision.as_dict(), refund_total_cents=to_cents(decision.refund_total), requested_at=now,
                  updated_at=now)
@@ -359,14 +367,14 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
         ret.rma = _unique_rma(session)  # a reference for the operator; it is not issued until authorized
     session.add(ret)
     session.flush()
-    session.add(Transition(return_id=ret.id, from_state=None, to_state=str(State.REQUESTED), at=now, actor=actor.name,
+    session.add(Transition(return_id=ret.id, from_state=None, to_state=State.REQUESTED, at=now, actor=actor.name,
                            flow_run_id=actor.flow_run_id,
                            facts={"request": req.model_dump(mode="json", exclude={"email"})}))
     for ld in decision.lines:
         session.add(ReturnLine(
             return_id=ret.id, order_line_id=order_lines[ld.sku].id, sku=ld.sku, quantity=ld.quantity,
             unopened_declared=next(r.unopened for r in req.lines if r.sku == ld.sku), exchange_sku=ld.exchange_sku,
-            outcome=str(ld.outcome), basis=str(ld.basis), clauses=list(ld.clauses), reason_text=ld.reason,
+            outcome=ld.outcome, basis=ld.basis, clauses=list(ld.clauses), reason_text=ld.reason,
             refund_cents=to_cents(ld.refund), restocking_fee_cents=to_cents(ld.restocking_fee)))
     session.flush()
     facts = {"decision": str(decision.outcome), "clauses": list(decision.clauses), "policy_version": policy.version}
@@ -377,22 +385,15 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
     else:
         _review(session, ret, now, actor, settings, facts,
                 [f"{ln.sku}: {ln.reason}" for ln in decision.lines if ln.outcome is Outcome.REVIEW])
-    return RequestResult(ret, decision.as_dict())
+    return decided(ret)
 
 
 # ---- receipt ---------------------------------------------------------------------------------------------
 
 
-def _authorized_lines(lines: list[ReturnLine]) -> tuple[tuple[pol.AuthorizedLine, ...], dict[str, ReturnLine]]:
-    covered = [ln for ln in lines if ln.outcome != str(Outcome.DECLINED)]
-    return tuple(pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis), Decimal(0), Decimal(0),
-                                    from_cents(ln.refund_cents), ln.exchange_sku) for ln in covered), \
-        {ln.sku: ln for ln in covered}
-
-
 def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool = False) -> pol.Settlement:
     """The settlement the stored receipt earns under the policy (R12), from stored facts only."""
-    lines = [ln for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)]
+    lines = [ln for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED]
     order_lines = _order_lines(session, ret.order_number)
     authorized = tuple(
         pol.AuthorizedLine(ln.sku, ln.quantity, pol.Basis(ln.basis),
@@ -411,13 +412,13 @@ def _same_receipt(session: Session, ret: Return, receipt: ReceiptIn) -> bool:
     if ret.received_at is None or ret.received_at != receipt.received_at:
         return False
     stored = {ln.sku: (ln.received_unopened, ln.received_opened, ln.received_damaged, ln.received_missing)
-              for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)}
+              for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED}
     given = {rl.sku: (rl.unopened, rl.opened, rl.damaged, rl.missing) for rl in receipt.lines}
     return stored == given
 
 
-def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy, settings: Settings,
-            flow_run_id: str | None = None) -> Return:
+def receive(session: Session, receipt: ReceiptIn, now: datetime, actor: Actor, policy: Policy,
+            settings: Settings) -> Return:
     """Log a parcel at Lantana with per-unit condition; starts the 10-day clock (P8, R9); may send it to review."""
     ret = load_return(session, receipt.rma, for_update=True)
     if ret.state != State.AUTHORIZED and _same_receipt(session, ret, receipt):
@@ -429,7 +430,7 @@ def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy,
     assert ret.rma_issued_at is not None
     if receipt.received_at < ret.rma_issued_at:
         raise InvalidInput("received_at is before the RMA was issued")
-    lines = {ln.sku: ln for ln in _lines(session, ret) if ln.outcome != str(Outcome.DECLINED)}
+    lines = {ln.sku: ln for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED}
     seen: set[str] = set()
     for rl in receipt.lines:
         line = lines.get(rl.sku)
@@ -447,7 +448,6 @@ def receive(session: Session, receipt: ReceiptIn, now: datetime, policy: Policy,
         raise InvalidInput(f"receipt has no counts for sku(s) {', '.join(sorted(set(lines) - seen))}")
     session.flush()
     deadline = policy.processing_deadline(receipt.received_at)
-    actor = Actor(f"operator:{receipt.by}", flow_run_id)
     transition(session, ret, State.RECEIVED, now, actor,
                {"counts": {rl.sku: rl.model_dump(exclude={"sku"}) for rl in receipt.lines}},
                received_at=receipt.received_at, deadline_at=deadline)
@@ -479,12 +479,12 @@ def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Polic
         return ret
     if ret.state == State.PROCESSING and (ret.claimed_until is None or ret.claimed_until <= now):
         result = session.execute(
-            update(Return).where(Return.id == ret.id, Return.state == str(State.PROCESSING),  # type: ignore[arg-type]
+            update(Return).where(col(Return.id) == ret.id, Return.state == State.PROCESSING,
                                  Return.claimed_until == ret.claimed_until)
             .values(claimed_until=lease, updated_at=now).execution_options(synchronize_session=False))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if result.rowcount != 1:
             return None
-        session.add(Transition(return_id=ret.id, from_state=str(State.PROCESSING), to_state=str(State.PROCESSING),
+        session.add(Transition(return_id=ret.id, from_state=State.PROCESSING, to_state=State.PROCESSING,
                                at=now, actor=actor.name, flow_run_id=actor.flow_run_id,
                                facts={"re_driven": True, "lease_until": lease.isoformat()}))
         session.refresh(ret)
@@ -495,22 +495,9 @@ def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Polic
 def current_settlement(session: Session, ret: Return, policy: Policy) -> pol.Settlement:
     """The settlement the stored receipt earns, counting an operator's authorize after a receipt-time review."""
     approved = session.scalars(select(Transition.id).where(
-        Transition.return_id == ret.id, Transition.from_state == str(State.REVIEW),
-        Transition.to_state == str(State.PROCESSING))).first() is not None
+        Transition.return_id == ret.id, Transition.from_state == State.REVIEW,
+        Transition.to_state == State.PROCESSING)).first() is not None
     return settlement_for(session, ret, policy, approved=approved)
-
-
-@dataclass(frozen=True)
-class PlannedRefund:
-    """What processing will pay: the settlement and its split over payments (R10), from stored facts."""
-
-    rma: str
-    settlement: pol.Settlement
-    allocations: tuple[pol.Allocation, ...]
-
-    def key(self, payment_id: int) -> str:
-        """The gateway key: the same on every retry of this return's refund to this payment."""
-        return f"refund:{self.rma}:{payment_id}"
 
 
 def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
@@ -525,8 +512,8 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
     # payout (its refund row never written) must still use up that payment's room, or a sibling could pay it again.
     paid_elsewhere = dict(session.execute(
         select(GatewaySettlement.payment_id, func.sum(GatewaySettlement.amount_cents))
-        .where(GatewaySettlement.payment_id.in_([p.id for p in rows]),  # type: ignore[attr-defined]
-               ~GatewaySettlement.idempotency_key.startswith(f"refund:{ret.rma}:"))  # type: ignore[attr-defined]
+        .where(col(GatewaySettlement.payment_id).in_([p.id for p in rows]),
+               ~col(GatewaySettlement.idempotency_key).startswith(f"refund:{ret.rma}:"))
         .group_by(GatewaySettlement.payment_id)).all())
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents),
                                  from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)))), p.captured_at)
@@ -549,10 +536,10 @@ def complete(session: Session, ret: Return, plan: PlannedRefund, references: dic
         session.add(RefundAllocation(refund_id=refund.id, payment_id=alloc.payment_id, amount_cents=cents,
                                      gateway_reference=references[alloc.payment_id]))
         result = session.execute(
-            update(Payment).where(Payment.id == alloc.payment_id,  # type: ignore[arg-type]
+            update(Payment).where(col(Payment.id) == alloc.payment_id,
                                   Payment.refunded_cents + cents <= Payment.amount_cents)
             .values(refunded_cents=Payment.refunded_cents + cents).execution_options(synchronize_session=False))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if result.rowcount != 1:
             raise StaleState(f"payment {alloc.payment_id} has no room left for this refund")
         pay = session.get(Payment, alloc.payment_id)
         assert pay is not None
@@ -587,8 +574,8 @@ def park(session: Session, rma: str, reason: str, now: datetime, actor: Actor, s
     if ret.state != State.PROCESSING:
         return False
     parked = session.scalar(select(func.count()).select_from(Transition).where(
-        Transition.return_id == ret.id, Transition.from_state == str(State.PROCESSING),
-        Transition.to_state == str(State.REVIEW))) or 0
+        Transition.return_id == ret.id, Transition.from_state == State.PROCESSING,
+        Transition.to_state == State.REVIEW)) or 0
     transition(session, ret, State.REVIEW, now, actor, {"error": reason}, claimed_until=None)
     _email(session, ret, "review_needed", {"reasons": [reason]}, now, settings, to_care=True,
            occasion=f"processing-{parked + 1}")  # one email per parking, even after an earlier review
@@ -598,21 +585,20 @@ def park(session: Session, rma: str, reason: str, now: datetime, actor: Actor, s
 # ---- operators -------------------------------------------------------------------------------------------
 
 
-def settle_review(session: Session, rma: str, authorize: bool, note: str, by: str, now: datetime, policy: Policy,
-                  settings: Settings, flow_run_id: str | None = None) -> Return:
+def settle_review(session: Session, rma: str, authorize: bool, note: str, actor: Actor, now: datetime,
+                  policy: Policy, settings: Settings) -> Return:
     """An operator settles a return in review: before receipt it is authorized (RMA issued) or declined; after
     receipt an authorize sends it to processing with the flagged units settled as sound."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.REVIEW:
         raise InvalidInput(f"{ret.rma} is '{ret.state}', not in review")
-    actor = Actor(f"operator:{by}", flow_run_id)
     facts = {"note": note, "authorize": authorize}
     if not authorize:
         _decline(session, ret, now, actor, settings, facts, f"Declined after review: {note}")
     elif ret.received_at is None:
         for ln in _lines(session, ret):
-            if ln.outcome == str(Outcome.REVIEW):
-                ln.outcome = str(Outcome.AUTHORIZED)
+            if ln.outcome == Outcome.REVIEW:
+                ln.outcome = Outcome.AUTHORIZED
         session.flush()
         _authorize(session, ret, now, actor, policy, settings, facts)
     else:
@@ -623,25 +609,17 @@ def settle_review(session: Session, rma: str, authorize: bool, note: str, by: st
     return ret
 
 
-def cancel(session: Session, rma: str, note: str, by: str, now: datetime, flow_run_id: str | None = None) -> Return:
+def cancel(session: Session, rma: str, note: str, actor: Actor, now: datetime) -> Return:
     """Withdraw an authorized return (customer or operator); its units become returnable again (R11)."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED:
         raise InvalidInput(f"{ret.rma} is '{ret.state}'; only an authorized return awaiting its parcel "
                            "can be cancelled")
-    transition(session, ret, State.CANCELLED, now, Actor(f"operator:{by}", flow_run_id), {"note": note})
+    transition(session, ret, State.CANCELLED, now, actor, {"note": note})
     return ret
 
 
 # ---- sweep (R8, R9, stuck work) --------------------------------------------------------------------------
-
-
-@dataclass
-class SweepPlan:
-    expire: list[str] = field(default_factory=list)
-    due_soon: list[str] = field(default_factory=list)
-    overdue: list[str] = field(default_factory=list)
-    redrive: list[str] = field(default_factory=list)
 
 
 def _candidates(session: Session, stmt: Any, limit: int) -> list[str]:
@@ -653,31 +631,31 @@ def _candidates(session: Session, stmt: Any, limit: int) -> list[str]:
 
 def sweep_candidates(session: Session, as_of: datetime, policy: Policy, limit: int = 500) -> SweepPlan:
     """RMAs that the sweep must act on at `as_of`, at most `limit` of each kind."""
-    open_clock = [str(State.RECEIVED), str(State.PROCESSING), str(State.REVIEW)]
+    open_clock = [State.RECEIVED, State.PROCESSING, State.REVIEW]
     due_soon_from = as_of + timedelta(hours=policy.escalate_before_hours)
     stale = as_of - timedelta(minutes=policy.processing_lease_minutes)
     return SweepPlan(
-        expire=_candidates(session, select(Return.rma).where(Return.state == str(State.AUTHORIZED),
-                                                             Return.rma_expires_at <= as_of), limit),  # type: ignore[operator]
+        expire=_candidates(session, select(Return.rma).where(Return.state == State.AUTHORIZED,
+                                                             col(Return.rma_expires_at) <= as_of), limit),
         due_soon=_candidates(session, select(Return.rma).where(
-            Return.state.in_(open_clock), Return.deadline_at <= due_soon_from,  # type: ignore[attr-defined, operator]
-            Return.deadline_at > as_of, Return.due_soon_flagged_at.is_(None)), limit),  # type: ignore[union-attr, operator]
+            col(Return.state).in_(open_clock), col(Return.deadline_at) <= due_soon_from,
+            col(Return.deadline_at) > as_of, col(Return.due_soon_flagged_at).is_(None)), limit),
         overdue=_candidates(session, select(Return.rma).where(
-            Return.state.in_(open_clock), Return.deadline_at <= as_of,  # type: ignore[attr-defined, operator]
-            Return.overdue_flagged_at.is_(None)), limit),  # type: ignore[union-attr]
+            col(Return.state).in_(open_clock), col(Return.deadline_at) <= as_of,
+            col(Return.overdue_flagged_at).is_(None)), limit),
         redrive=_candidates(session, select(Return.rma).where(
-            ((Return.state == str(State.PROCESSING)) & (Return.claimed_until <= as_of))  # type: ignore[operator]
-            | ((Return.state == str(State.RECEIVED)) & (Return.updated_at <= stale))), limit),  # type: ignore[operator]
+            ((Return.state == State.PROCESSING) & (col(Return.claimed_until) <= as_of))
+            | ((Return.state == State.RECEIVED) & (col(Return.updated_at) <= stale))), limit),
     )
 
 
-def expire(session: Session, rma: str, as_of: datetime, now: datetime, policy: Policy, settings: Settings,
-           flow_run_id: str | None = None) -> bool:
+def expire(session: Session, rma: str, as_of: datetime, now: datetime, actor: Actor, policy: Policy,
+           settings: Settings) -> bool:
     """R8: an authorized RMA past its validity at `as_of` expires (recorded at `now`); the customer is told."""
     ret = load_return(session, rma, for_update=True)
     if ret.state != State.AUTHORIZED or ret.rma_expires_at is None or ret.rma_expires_at > as_of:
         return False
-    transition(session, ret, State.EXPIRED, now, Actor("sweep", flow_run_id),
+    transition(session, ret, State.EXPIRED, now, actor,
                {"valid_until": ret.rma_expires_at.isoformat(), "as_of": as_of.isoformat()})
     _email(session, ret, "expired", {"valid_until": policy.local_date(ret.rma_expires_at).isoformat()}, now, settings)
     return True
@@ -687,14 +665,14 @@ def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, now: d
              settings: Settings) -> bool:
     """R9: tell Customer Care once that a return is due soon at `as_of`, and once that it is overdue."""
     ret = load_return(session, rma, for_update=True)
-    if ret.deadline_at is None or ret.state in {str(s) for s in TERMINAL}:
+    if ret.deadline_at is None or ret.state in TERMINAL:
         return False
     if pol.deadline_flag(policy, ret.deadline_at, as_of) is not flag or flag is pol.Flag.ON_TIME:
         return False
     column = Return.due_soon_flagged_at if flag is pol.Flag.DUE_SOON else Return.overdue_flagged_at
-    result = session.execute(update(Return).where(Return.id == ret.id, column.is_(None))  # type: ignore[arg-type, union-attr]
+    result = session.execute(update(Return).where(col(Return.id) == ret.id, column.is_(None))
                              .values({column: as_of}).execution_options(synchronize_session=False))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:
         return False
     assert ret.received_at is not None
     _email(session, ret, str(flag), {"received_on": policy.local_date(ret.received_at).isoformat(),
@@ -720,7 +698,7 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
             payments.append({"method": pay.method, "last4": pay.last4, "amount": str(from_cents(alloc.amount_cents)),
                              "reference": alloc.gateway_reference})
     flag = None
-    if ret.deadline_at is not None and ret.state not in {str(s) for s in TERMINAL}:
+    if ret.deadline_at is not None and ret.state not in TERMINAL:
         flag = str(pol.deadline_flag(policy, ret.deadline_at, now))
     mail = session.scalars(select(OutboxMessage).where(OutboxMessage.return_id == ret.id).order_by(OutboxMessage.id))
 

@@ -1,29 +1,34 @@
-"""The pipeline's steps, one side effect each, shared by the command line and the Prefect tasks."""
+"""The pipeline's steps, one side effect (one transaction, one file, one gateway call) each, on typed values.
+
+The stages (service/stages.py) say in which order they run; the Prefect tasks wrap each one as a task run.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import Engine, func, select
+from sqlmodel import col
 
 from adapters.config import Settings
 from adapters.config import settings as load_settings
 from adapters.crashpoints import crash_point
 from adapters.db import engine_for, unit_of_work
+from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 from adapters.payments.gateway import Gateway, LedgerGateway
-from models.errors import PermanentError, StaleState
+from models.errors import StaleState
+from models.notices import OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
-from models.tables import Customer, Order, OutboxMessage, Return
+from models.tables import Customer, Order, OutboxMessage, Refund, RefundAllocation, Return, Transition
 from service import returns as svc
+from service.relay import RelayReport, relay
+from service.results import Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
 from service.returns import Actor
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+OPEN_CLOCK = (State.RECEIVED, State.PROCESSING, State.REVIEW)
 
 
 @dataclass
@@ -33,7 +38,7 @@ class Pipeline:
     settings: Settings
     engine: Engine
     policy: Policy = DEFAULT_POLICY
-    gateway: Gateway = field(default=None)  # type: ignore[assignment]
+    gateway: Gateway = field(default=None)  # type: ignore[assignment]  # the ledger on `engine` unless given
 
     def __post_init__(self) -> None:
         if self.gateway is None:
@@ -44,40 +49,33 @@ class Pipeline:
         s = load_settings()
         return cls(settings=s, engine=engine_for(s.database_url))
 
-    # ---- one transaction each --------------------------------------------------------------------------
+    # ---- requests ----------------------------------------------------------------------------------------
 
-    def import_data(self, data: ImportIn) -> dict[str, int]:
+    def import_data(self, data: ImportIn) -> svc.ImportReport:
         with unit_of_work(self.engine) as session:
-            return svc.import_data(session, data).as_dict()
+            return svc.import_data(session, data)
 
-    def quote(self, req: ReturnRequestIn, now: datetime) -> dict[str, Any]:
+    def quote(self, req: ReturnRequestIn, now: datetime) -> dict[str, object]:
+        """The decision a request would get, as JSON (the edge's shape); writes nothing."""
         with unit_of_work(self.engine) as session:
             return svc.quote(session, req, now, self.policy).as_dict()
 
-    def request(self, req: ReturnRequestIn, now: datetime, actor: Actor) -> dict[str, Any]:
+    def request(self, req: ReturnRequestIn, now: datetime, actor: Actor) -> Decided:
         """Store the decision (and RMA, outbox rows) in one transaction; idempotent per idempotency key."""
         with unit_of_work(self.engine) as session:
-            out = svc.request_return(session, req, now, actor, self.policy, self.settings).as_dict()
+            out = svc.request_return(session, req, now, actor, self.policy, self.settings)
         crash_point("request.after-commit")
         return out
 
-    def lookup(self, order_number: str, idempotency_key: str) -> dict[str, Any] | None:
+    def lookup(self, order_number: str, idempotency_key: str) -> Decided | None:
         """The stored outcome of the request made for this order with this idempotency key, if any."""
         with unit_of_work(self.engine) as session:
             ret = session.scalars(select(Return).where(Return.order_number == order_number,
                                                        Return.idempotency_key == idempotency_key)).first()
-            return None if ret is None else svc.RequestResult(ret, ret.decision, replayed=True).as_dict()
-
-    def outbox_counts(self) -> dict[str, int]:
-        """How many outbox rows are pending, sent and failed."""
-        with unit_of_work(self.engine) as session:
-            rows = session.execute(select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)).all()
-        return {"pending": 0, "sent": 0, "failed": 0} | {str(s): int(n) for s, n in rows}
+            return None if ret is None else svc.decided(ret, replayed=True)
 
     def render_label(self, rma: str) -> str | None:
         """Write the RMA's label PDF if it is not there yet; deterministic, so a re-run rewrites the same bytes."""
-        from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
-
         path = label_path(self.settings.label_dir, rma)
         if path.exists():
             return str(path)
@@ -102,16 +100,16 @@ class Pipeline:
         pdf = render_label(data, self.settings.shop, policy=self.policy)
         return str(write_label(self.settings.label_dir, rma, pdf))
 
-    def receive(self, receipt: ReceiptIn, now: datetime, flow_run_id: str | None = None,
-                claim: bool = False) -> dict[str, Any]:
+    # ---- receipt and processing --------------------------------------------------------------------------
+
+    def receive(self, receipt: ReceiptIn, now: datetime, actor: Actor, claim: bool = False) -> Moved:
         """Record the receipt; with `claim`, processing starts in the same transaction (received -> processing)."""
         with unit_of_work(self.engine) as session:
-            ret = svc.receive(session, receipt, now, self.policy, self.settings, flow_run_id)
-            if claim and ret.state == State.RECEIVED:
-                actor = Actor(f"operator:{receipt.by}", flow_run_id)
+            ret = svc.receive(session, receipt, now, actor, self.policy, self.settings)
+            if claim and ret.state is State.RECEIVED:
                 ret = svc.claim(session, ret.rma or receipt.rma, now, actor, self.policy) or ret
-            out = {"rma_number": ret.rma, "state": ret.state, "deadline": ret.deadline_at.isoformat()
-                   if ret.deadline_at else None}
+            assert ret.rma is not None
+            out = Moved(ret.rma, ret.state, ret.deadline_at)
         crash_point("receive.after-commit")
         return out
 
@@ -122,123 +120,145 @@ class Pipeline:
         crash_point("process.after-claim")
         return claimed
 
-    def plan_refund(self, rma: str) -> svc.PlannedRefund:
+    def plan_refund(self, rma: str) -> PlannedRefund:
         with unit_of_work(self.engine) as session:
             ret = svc.load_return(session, rma, for_update=True)  # a completion cannot land between state and payments
             return svc.plan_refund(session, ret, self.policy)
 
-    def pay(self, plan: svc.PlannedRefund) -> dict[int, str]:
+    def pay(self, plan: PlannedRefund) -> Payout:
         """Call the gateway per allocation with keys derived from the RMA: a retry never pays twice."""
         crash_point("process.before-pay")
         paid = {a.payment_id: self.gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
                                                   amount_cents=int(a.amount * 100))
                 for a in plan.allocations}
         crash_point("process.after-pay")
-        return paid
+        return Payout(plan, paid)
 
-    def complete(self, rma: str, plan: svc.PlannedRefund, references: dict[int, str], now: datetime,
-                 actor: Actor) -> dict[str, Any]:
+    def complete(self, payout: Payout, now: datetime, actor: Actor) -> Completed:
+        """Record what the gateway paid and complete the return with its 'processed' email, in one transaction."""
+        plan = payout.plan
         with unit_of_work(self.engine) as session:
-            ret = svc.load_return(session, rma, for_update=True)
-            if ret.state != State.PROCESSING:
+            ret = svc.load_return(session, plan.rma, for_update=True)
+            if ret.state is not State.PROCESSING:
                 raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
-            svc.complete(session, ret, plan, references, now, actor, self.settings)
-            out = {"rma_number": ret.rma, "state": ret.state, "refund_total": str(plan.settlement.refund_total),
-                   "payments": [{"payment_id": a.payment_id, "amount": str(a.amount)} for a in plan.allocations]}
+            svc.complete(session, ret, plan, dict(payout.references), now, actor, self.settings)
         crash_point("process.after-commit")
-        return out
+        return Completed(plan.rma, plan.settlement.refund_total, plan.allocations)
 
-    def process(self, rma: str, now: datetime, actor: Actor) -> dict[str, Any] | None:
-        """claim -> plan -> pay -> complete; None if the return is not (or no longer) ours to process."""
-        if not self.claim(rma, now, actor):
-            return None
-        return self.finish(rma, now, actor)
-
-    def finish(self, rma: str, now: datetime, actor: Actor) -> dict[str, Any]:
-        """plan -> pay -> complete for a return already claimed (by `claim` or an operator's review)."""
-        plan = self.plan_refund(rma)
-        references = self.pay(plan)
-        return self.complete(rma, plan, references, now, actor)
-
-    def review(self, rma: str, authorize: bool, note: str, by: str, now: datetime,
-               flow_run_id: str | None = None) -> dict[str, Any]:
+    def park(self, rma: str, reason: str, now: datetime, actor: Actor) -> bool:
+        """processing -> review with Customer Care told why (the gateway refused the refund for good)."""
         with unit_of_work(self.engine) as session:
-            ret = svc.settle_review(session, rma, authorize, note, by, now, self.policy, self.settings, flow_run_id)
-            return {"rma_number": ret.rma, "state": ret.state}
+            return svc.park(session, rma, reason, now, actor, self.settings)
 
-    def cancel(self, rma: str, note: str, by: str, now: datetime, flow_run_id: str | None = None) -> dict[str, Any]:
+    # ---- operators ---------------------------------------------------------------------------------------
+
+    def review(self, rma: str, authorize: bool, note: str, actor: Actor, now: datetime) -> Moved:
         with unit_of_work(self.engine) as session:
-            ret = svc.cancel(session, rma, note, by, now, flow_run_id)
-            return {"rma_number": ret.rma, "state": ret.state}
+            ret = svc.settle_review(session, rma, authorize, note, actor, now, self.policy, self.settings)
+            assert ret.rma is not None
+            return Moved(ret.rma, ret.state, ret.deadline_at)
 
-    def show(self, rma: str, now: datetime) -> dict[str, Any]:
+    def cancel(self, rma: str, note: str, actor: Actor, now: datetime) -> Moved:
         with unit_of_work(self.engine) as session:
-            return svc.show(session, rma, now, self.policy)
+            ret = svc.cancel(session, rma, note, actor, now)
+            assert ret.rma is not None
+            return Moved(ret.rma, ret.state, ret.deadline_at)
 
-    def sweep_plan(self, as_of: datetime, limit: int = 500) -> svc.SweepPlan:
+    # ---- sweep (R8, R9, stuck work) ------------------------------------------------------------------------
+
+    def sweep_plan(self, as_of: datetime, limit: int = 500) -> SweepPlan:
         with unit_of_work(self.engine) as session:
             return svc.sweep_candidates(session, as_of, self.policy, limit)
 
-    def expire(self, rma: str, as_of: datetime, flow_run_id: str | None = None) -> bool:
+    def expire(self, rma: str, as_of: datetime, now: datetime, actor: Actor) -> bool:
         crash_point("sweep.mid")
         with unit_of_work(self.engine) as session:
-            return svc.expire(session, rma, as_of, utcnow(), self.policy, self.settings, flow_run_id)
+            return svc.expire(session, rma, as_of, now, actor, self.policy, self.settings)
 
-    def escalate(self, rma: str, flag: Flag, as_of: datetime) -> bool:
+    def escalate(self, rma: str, flag: Flag, as_of: datetime, now: datetime) -> bool:
         crash_point("sweep.mid")
         with unit_of_work(self.engine) as session:
-            return svc.escalate(session, rma, flag, as_of, utcnow(), self.policy, self.settings)
-
-    def sweep(self, as_of: datetime, actor: Actor | None = None) -> dict[str, list[str]]:
-        """Expire (R8), escalate (R9) and re-drive stuck processing; each return in its own short transaction."""
-        actor = actor or Actor("sweep")
-        plan = self.sweep_plan(as_of)
-        done: dict[str, list[str]] = {"expired": [], "due_soon": [], "overdue": [], "processed": [], "labels": []}
-        done["expired"] = [r for r in plan.expire if self.expire(r, as_of)]
-        done["due_soon"] = [r for r in plan.due_soon if self.escalate(r, Flag.DUE_SOON, as_of)]
-        done["overdue"] = [r for r in plan.overdue if self.escalate(r, Flag.OVERDUE, as_of)]
-        done["processed"] = [r for r in plan.redrive if self.redrive(r, as_of, actor)]
-        done["labels"] = [r for r in self.missing_labels() if self.render_label(r)]
-        return done
-
-    def redrive(self, rma: str, now: datetime, actor: Actor) -> bool:
-        """Process a return the sweep found stuck. A permanent failure (the gateway refused the refund) parks it in
-        review for an operator instead of aborting the sweep for every return behind it, hour after hour."""
-        try:
-            return self.process(rma, now, actor) is not None
-        except StaleState:
-            return False  # another worker got there first
-        except PermanentError as exc:
-            with unit_of_work(self.engine) as session:
-                svc.park(session, rma, str(exc), now, actor, self.settings)
-            return False
+            return svc.escalate(session, rma, flag, as_of, now, self.policy, self.settings)
 
     def missing_labels(self) -> list[str]:
         """Authorized RMAs whose label file is not on disk (a crash between commit and render)."""
-        from adapters.label.layout import label_path
-
         with unit_of_work(self.engine) as session:
-            rmas = session.scalars(select(Return.rma).where(Return.state == str(State.AUTHORIZED))).all()
+            rmas = session.scalars(select(Return.rma).where(Return.state == State.AUTHORIZED)).all()
         return [r for r in rmas if r and not label_path(self.settings.label_dir, r).exists()]
 
-    def relay(self, now: datetime) -> dict[str, Any]:
-        """Send what the outbox holds; report without personal data."""
+    def relay(self, now: datetime, return_id: int | None = None) -> RelayReport:
+        """Send what the outbox holds (only this return's rows when given); the report has no personal data."""
         from adapters.mail.transport import transport_from_settings
-        from service.relay import relay
 
-        report = relay(self.engine, transport_from_settings(self.settings), settings=self.settings, now=now)
-        return {"sent": report.sent, "failed": report.failed, "deferred": report.deferred, "halted": report.halted}
+        return relay(self.engine, transport_from_settings(self.settings), settings=self.settings, now=now,
+                     return_id=return_id)
 
-    def board(self, as_of: datetime) -> dict[str, Any]:
+    # ---- reads ---------------------------------------------------------------------------------------------
+
+    def return_id(self, rma: str) -> int:
+        with unit_of_work(self.engine) as session:
+            ret = svc.load_return(session, rma)
+            assert ret.id is not None
+            return ret.id
+
+    def show(self, rma: str, now: datetime) -> dict[str, object]:
+        """Everything an operator needs about one return, as JSON (the read model of the edges)."""
+        with unit_of_work(self.engine) as session:
+            return svc.show(session, rma, now, self.policy)
+
+    def outcome(self, rma: str) -> Moved | Completed:
+        """Where a return stands, read back from the database (what a stage run through Prefect left)."""
+        with unit_of_work(self.engine) as session:
+            ret = svc.load_return(session, rma)
+            assert ret.rma is not None
+            if ret.state is not State.COMPLETED:
+                return Moved(ret.rma, ret.state, ret.deadline_at)
+            rows = session.execute(select(RefundAllocation.payment_id, RefundAllocation.amount_cents)
+                                   .join(Refund, col(Refund.id) == RefundAllocation.refund_id)
+                                   .where(Refund.return_id == ret.id).order_by(col(RefundAllocation.id))).all()
+        from models.money import from_cents
+        from models.policy import Allocation
+
+        return Completed(ret.rma, from_cents(ret.refund_total_cents),
+                         tuple(Allocation(int(pid), from_cents(int(cents))) for pid, cents in rows))
+
+    def made_in_run(self, return_id: int, flow_run_id: str) -> bool:
+        """Whether the flow run stored this return (its first audit row), rather than replayed it."""
+        with unit_of_work(self.engine) as session:
+            first = session.scalars(select(Transition.flow_run_id).where(Transition.return_id == return_id)
+                                    .order_by(col(Transition.id)).limit(1)).first()
+        return first == flow_run_id
+
+    def completed_by(self, rma: str, flow_run_id: str) -> bool:
+        """Whether this flow run completed the return."""
+        with unit_of_work(self.engine) as session:
+            ret = svc.load_return(session, rma)
+            return session.scalars(select(Transition.id).where(
+                Transition.return_id == ret.id, Transition.to_state == State.COMPLETED,
+                Transition.flow_run_id == flow_run_id)).first() is not None
+
+    def emails_of(self, return_id: int) -> dict[str, int]:
+        """How many of this return's messages are pending, sent and failed."""
+        with unit_of_work(self.engine) as session:
+            rows = session.execute(select(OutboxMessage.status, func.count()).where(
+                OutboxMessage.return_id == return_id).group_by(OutboxMessage.status)).all()
+        return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many outbox rows are pending, sent and failed."""
+        with unit_of_work(self.engine) as session:
+            rows = session.execute(select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)).all()
+        return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
+
+    def board(self, as_of: datetime) -> Board:
         """Counts per state, and the RMAs due soon, overdue and stuck at `as_of`."""
         with unit_of_work(self.engine) as session:
             counts = svc.counts_by_state(session)
             plan = svc.sweep_candidates(session, as_of, self.policy)
             open_clock = session.execute(select(Return.rma, Return.deadline_at).where(
-                Return.state.in_([str(State.RECEIVED), str(State.PROCESSING), str(State.REVIEW)]),  # type: ignore[attr-defined]
-                Return.deadline_at.is_not(None))).all()  # type: ignore[union-attr]
+                col(Return.state).in_(OPEN_CLOCK), col(Return.deadline_at).is_not(None))).all()
         flags = {rma: deadline_flag(self.policy, deadline, as_of) for rma, deadline in open_clock}
-        return {"as_of": as_of.isoformat(), "counts": counts,
-                "due_soon": sorted(r for r, f in flags.items() if f is Flag.DUE_SOON),
-                "overdue": sorted(r for r, f in flags.items() if f is Flag.OVERDUE),
-                "stuck": plan.redrive}
+        return Board(as_of=as_of, counts=counts,
+                     due_soon=sorted(r for r, f in flags.items() if f is Flag.DUE_SOON),
+                     overdue=sorted(r for r, f in flags.items() if f is Flag.OVERDUE),
+                     stuck=plan.redrive)

@@ -1,22 +1,32 @@
-"""Prefect tasks: one side effect each, thin over service.steps, retried only on transient errors."""
+"""Prefect tasks: one side effect each, thin over service.steps, retried only on transient errors.
+
+`TASKS` is the stages' `Steps` made of these tasks, so every step of a stage flow is a task run of its own.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task, exponential_backoff
 
+from adapters.clock import utcnow
 from models.errors import TransientError
 from models.policy import Flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
-from service.returns import Actor
+from service.relay import RelayReport
+from service.results import Completed, Decided, Moved, Payout, SweepPlan, SweepReport
+from service.returns import Actor, ImportReport
 from service.steps import Pipeline
-from tasks.visibility import publish_return
+from tasks.visibility import publish_board, publish_return
+
+SWEEP_REPORT = "sweep-report"  # the table artifact a sweep run leaves (`returns sweep` reads it back)
+RELAY_REPORT = "relay-report"
 
 
 @lru_cache(maxsize=1)
@@ -30,11 +40,6 @@ def run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return str(flow_run.id) if flow_run.id else None
-
-
-def actor(name: str) -> Actor:
-    """The actor for the audit row, carrying the current Prefect flow run id."""
-    return Actor(name, run_id())
 
 
 def transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -59,19 +64,14 @@ RETRY: dict[str, Any] = {
 }
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 @task(name="store-decision", timeout_seconds=30, **RETRY)
-def store_decision(request: ReturnRequestIn) -> dict[str, Any]:
+def store_decision(request: ReturnRequestIn, actor: Actor) -> Decided:
     """Decide the request and store it with its RMA and outbox rows; idempotent per idempotency key (the flow run's
     id when the caller sent none, so a retry after a lost commit reply replays instead of asking again: R11)."""
-    from prefect.runtime import flow_run
-
-    if request.idempotency_key is None and flow_run.id:
-        request = request.model_copy(update={"idempotency_key": f"flow-run-{flow_run.id}"})
-    return pipeline().request(request, now(), actor("api"))
+    rid = run_id()
+    if request.idempotency_key is None and rid:
+        request = request.model_copy(update={"idempotency_key": f"flow-run-{rid}"})
+    return pipeline().request(request, utcnow(), actor.in_run(rid))
 
 
 @task(name="render-label", timeout_seconds=30, **RETRY)
@@ -81,87 +81,80 @@ def render_label(rma: str) -> str | None:
 
 
 @task(name="record-receipt", timeout_seconds=30, **RETRY)
-def record_receipt(receipt: ReceiptIn) -> dict[str, Any]:
+def record_receipt(receipt: ReceiptIn, actor: Actor) -> Moved:
     """Log the parcel with per-unit condition, start the 10-day clock (P8) and claim it for processing, in one
     transaction; a retry of the same receipt replays."""
-    return pipeline().receive(receipt, now(), run_id(), claim=True)
+    return pipeline().receive(receipt, utcnow(), actor.in_run(run_id()), claim=True)
 
 
 @task(name="claim-return", timeout_seconds=30, **RETRY)
-def claim_return(rma: str, who: str = "api") -> bool:
+def claim_return(rma: str, actor: Actor) -> bool:
     """received -> processing under a lease; False when another worker holds it or it is done."""
-    return pipeline().claim(rma, now(), actor(who))
+    return pipeline().claim(rma, utcnow(), actor.in_run(run_id()))
 
 
 @task(name="pay-refund", timeout_seconds=60, **RETRY)
-def pay_refund(rma: str) -> dict[str, Any]:
-    """Pay the refund through the gateway with keys refund:<RMA>:<payment>; a retry never pays twice."""
+def pay_refund(rma: str) -> Payout:
+    """Plan the refund and pay it through the gateway with keys refund:<RMA>:<payment>; a retry never pays twice."""
     p = pipeline()
-    plan = p.plan_refund(rma)
-    references = p.pay(plan)
-    return {"references": {str(k): v for k, v in references.items()}, "total": str(plan.settlement.refund_total)}
+    return p.pay(p.plan_refund(rma))
 
 
 @task(name="complete-return", timeout_seconds=30, **RETRY)
-def complete_return(rma: str, paid: dict[str, Any], who: str = "api") -> dict[str, Any]:
+def complete_return(payout: Payout, actor: Actor) -> Completed:
     """Record the refund and complete the return with its 'processed' email, in one transaction."""
-    p = pipeline()
-    references = {int(k): v for k, v in paid["references"].items()}
-    return p.complete(rma, p.plan_refund(rma), references, now(), actor(who))
+    return pipeline().complete(payout, utcnow(), actor.in_run(run_id()))
+
+
+@task(name="park-return", timeout_seconds=30, **RETRY)
+def park_return(rma: str, reason: str, actor: Actor) -> bool:
+    """processing -> review, Customer Care told why: the gateway refused the refund for good."""
+    return pipeline().park(rma, reason, utcnow(), actor.in_run(run_id()))
 
 
 @task(name="settle-review", timeout_seconds=30, **RETRY)
-def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
+def settle_review(rma: str, authorize: bool, note: str, actor: Actor) -> Moved:
     """An operator's decision on a return in review."""
-    return pipeline().review(rma, authorize, note, by, now(), run_id())
+    return pipeline().review(rma, authorize, note, actor.in_run(run_id()), utcnow())
 
 
 @task(name="cancel-return", timeout_seconds=30, **RETRY)
-def cancel_return(rma: str, note: str, by: str) -> dict[str, Any]:
+def cancel_return(rma: str, note: str, actor: Actor) -> Moved:
     """Withdraw an authorized return."""
-    return pipeline().cancel(rma, note, by, now(), run_id())
+    return pipeline().cancel(rma, note, actor.in_run(run_id()), utcnow())
 
 
 @task(name="send-outbox", timeout_seconds=120, **RETRY)
-def send_outbox() -> dict[str, Any]:
+def send_outbox() -> RelayReport:
     """Deliver pending emails (at least once, stable Message-IDs); failures stay visible in the outbox."""
-    return pipeline().relay(now())
+    return pipeline().relay(utcnow())
 
 
 @task(name="import-catalog", timeout_seconds=120, **RETRY)
-def import_catalog(data: ImportIn) -> dict[str, int]:
+def import_catalog(data: ImportIn) -> ImportReport:
     """Upsert products, customers and orders."""
     return pipeline().import_data(data)
 
 
 @task(name="plan-sweep", timeout_seconds=60, **RETRY)
-def plan_sweep(as_of: datetime) -> dict[str, list[str]]:
+def plan_sweep(as_of: datetime) -> SweepPlan:
     """The RMAs the sweep must act on at `as_of`."""
-    plan = pipeline().sweep_plan(as_of)
-    return {"expire": plan.expire, "due_soon": plan.due_soon, "overdue": plan.overdue, "redrive": plan.redrive}
+    return pipeline().sweep_plan(as_of)
 
 
 @task(name="expire-rmas", timeout_seconds=300, **RETRY)
 def expire_rmas(rmas: list[str], as_of: datetime) -> list[str]:
     """R8: expire each lapsed RMA in its own short transaction (a retry skips the done ones)."""
-    return [r for r in rmas if pipeline().expire(r, as_of, run_id())]
+    actor = Actor("sweep", run_id())
+    return [r for r in rmas if pipeline().expire(r, as_of, utcnow(), actor)]
 
 
 @task(name="escalate-deadlines", timeout_seconds=300, **RETRY)
-def escalate_deadlines(due_soon: list[str], overdue: list[str], as_of: datetime) -> dict[str, list[str]]:
+def escalate_deadlines(due_soon: list[str], overdue: list[str], as_of: datetime) -> tuple[list[str], list[str]]:
     """R9: tell Customer Care once per return that it is due soon, and once that it is overdue."""
     p = pipeline()
-    return {"due_soon": [r for r in due_soon if p.escalate(r, Flag.DUE_SOON, as_of)],
-            "overdue": [r for r in overdue if p.escalate(r, Flag.OVERDUE, as_of)]}
-
-
-@task(name="redrive-stuck", timeout_seconds=600, **RETRY)
-def redrive_stuck(rmas: list[str], as_of: datetime) -> list[str]:
-    """Finish returns left in received/processing past their lease (a crashed worker); pays at most once; one the
-    gateway refuses for good is parked in review, not left to fail this task (and the sweep) every hour."""
-    # The lease is judged at as_of, as the candidates were (the same as Pipeline.sweep): a replayed sweep re-drives
-    # what it found stuck.
-    return [rma for rma in rmas if pipeline().redrive(rma, as_of, actor("sweep"))]
+    return ([r for r in due_soon if p.escalate(r, Flag.DUE_SOON, as_of, utcnow())],
+            [r for r in overdue if p.escalate(r, Flag.OVERDUE, as_of, utcnow())])
 
 
 @task(name="render-missing-labels", timeout_seconds=300, **RETRY)
@@ -172,29 +165,75 @@ def render_missing_labels() -> list[str]:
 
 
 @task(name="publish-board", timeout_seconds=30, cache_policy=NO_CACHE, persist_result=False)
-def publish_board(as_of: datetime) -> dict[str, Any]:
-    """The operators' board artifact: counts per state, due soon, overdue, stuck."""
-    from tasks.visibility import publish_board as publish
-
-    board = pipeline().board(as_of)
-    publish(board)
-    return board
-
-
-@task(name="publish-return", timeout_seconds=30, cache_policy=NO_CACHE, persist_result=False)
-def publish(rma: str) -> None:
-    """Refresh the return's artifact and emit an event per new transition."""
-    publish_return(pipeline(), rma, run_id())
+def publish_sweep(report: SweepReport) -> None:
+    """The operators' board artifact (counts per state, due soon, overdue, stuck) and this run's report table."""
+    p = pipeline()
+    for rma in sorted({r for action in SweepReport.ACTIONS for r in getattr(report, action)}):
+        publish_return(p, rma, run_id())
+    publish_board(p.board(report.as_of), p.policy)
+    create_table_artifact(key=SWEEP_REPORT, table=report.rows() or [{"action": "none", "rma": ""}],
+                          description=f"What the sweep as of {report.as_of.isoformat()} did")
 
 
 @task(name="notify", timeout_seconds=120, **RETRY)
-def notify(rma: str | None) -> dict[str, Any]:
-    """The stage's emails (the outbox, at least once) and what operators see (the return's artifact, its events).
-
-    One task run for both: each task run costs the Prefect server ~25-30 ms of CPU (PREFECT-NOTES.md), so the
-    per-return stages keep their side effects as tasks and fold the two reporting steps into one.
-    """
-    report = pipeline().relay(now())
+def notify(rma: str | None, return_id: int | None = None) -> None:
+    """The stage's emails (this return's outbox rows, at least once) and what operators see (the return's
+    artifact, its events). One task run for both: each costs the Prefect server ~25-30 ms of CPU."""
+    p = pipeline()
+    if rma or return_id:
+        p.relay(utcnow(), return_id=return_id if return_id is not None else p.return_id(str(rma)))
     if rma:
-        publish_return(pipeline(), rma, run_id())
-    return {k: len(v) for k, v in report.items() if isinstance(v, list)}
+        publish_return(p, rma, run_id())
+
+
+class TaskSteps:
+    """The stages' steps as Prefect tasks: each call is a task run with its own retries and state."""
+
+    def store_decision(self, request: ReturnRequestIn, actor: Actor) -> Decided:
+        return store_decision(request, actor)
+
+    def render_label(self, rma: str) -> str | None:
+        return render_label(rma)
+
+    def record_receipt(self, receipt: ReceiptIn, actor: Actor) -> Moved:
+        return record_receipt(receipt, actor)
+
+    def claim(self, rma: str, actor: Actor) -> bool:
+        return claim_return(rma, actor)
+
+    def pay_refund(self, rma: str) -> Payout:
+        return pay_refund(rma)
+
+    def complete(self, payout: Payout, actor: Actor) -> Completed:
+        return complete_return(payout, actor)
+
+    def park(self, rma: str, reason: str, actor: Actor) -> bool:
+        return park_return(rma, reason, actor)
+
+    def settle_review(self, rma: str, authorize: bool, note: str, actor: Actor) -> Moved:
+        return settle_review(rma, authorize, note, actor)
+
+    def cancel(self, rma: str, note: str, actor: Actor) -> Moved:
+        return cancel_return(rma, note, actor)
+
+    def notify(self, rma: str | None, return_id: int | None = None) -> None:
+        notify(rma, return_id)
+
+    def plan_sweep(self, as_of: datetime) -> SweepPlan:
+        return plan_sweep(as_of)
+
+    def expire(self, rmas: list[str], as_of: datetime) -> list[str]:
+        return expire_rmas(rmas, as_of)
+
+    def escalate(self, due_soon: list[str], overdue: list[str], as_of: datetime) -> tuple[list[str], list[str]]:
+        return escalate_deadlines(due_soon, overdue, as_of)
+
+    def render_missing_labels(self) -> list[str]:
+        return render_missing_labels()
+
+    def report_sweep(self, report: SweepReport) -> None:
+        send_outbox()
+        publish_sweep(report)
+
+
+TASKS = TaskSteps()

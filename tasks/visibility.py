@@ -9,7 +9,10 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from service.steps import Pipeline, utcnow
+from adapters.clock import utcnow
+from models.policy import Policy
+from service.results import Board
+from service.steps import Pipeline
 
 EVENT_NAMESPACE = uuid.UUID("6f1c2a52-8e0b-4a53-9a55-3d1f0c9e2b71")
 
@@ -80,18 +83,18 @@ def publish_return(pipeline: Pipeline, rma: str, flow_run_id: str | None = None)
                    id=uuid.uuid5(EVENT_NAMESPACE, f"{rma}:{shown['deadline_flag']}:{shown['deadline']}"))
 
 
-def board_markdown(board: dict[str, Any]) -> str:
+def board_markdown(board: Board, policy: Policy) -> str:
     """The sweep's board: counts per state and the lists operators act on."""
-    lines = [f"# Returns board at {board['as_of'][:16]}", "", "| state | returns |", "|---|---|"]
-    lines += [f"| {state} | {n} |" for state, n in sorted(board["counts"].items())]
-    for title, key in (("Due soon (R9: within 48 h of the 10-day deadline)", "due_soon"),
-                       ("Overdue (R9: past the 10-day deadline)", "overdue"),
-                       ("Stuck (past the processing lease; the sweep re-drives them)", "stuck")):
-        items = board.get(key) or []
+    lines = [f"# Returns board at {board.as_of.isoformat()[:16]}", "", "| state | returns |", "|---|---|"]
+    lines += [f"| {state} | {n} |" for state, n in sorted(board.counts.items())]
+    deadline = f"the {policy.processing_days}-day deadline"
+    for title, items in ((f"Due soon (R9: within {policy.escalate_before_hours} h of {deadline})", board.due_soon),
+                         (f"Overdue (R9: past {deadline})", board.overdue),
+                         ("Stuck (past the processing lease; the sweep re-drives them)", board.stuck)):
         lines += ["", f"## {title}: {len(items)}", ""] + [f"- {r}" for r in items[:200]]
     return "\n".join(lines)
 
 
-def publish_board(board: dict[str, Any]) -> None:
-    create_markdown_artifact(key="returns-board", markdown=board_markdown(board),
+def publish_board(board: Board, policy: Policy) -> None:
+    create_markdown_artifact(key="returns-board", markdown=board_markdown(board, policy),
                              description="Counts per state, due soon, overdue, stuck")

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
+from service import stages
+from service.results import SweepReport
 from service.returns import Actor
+from service.stages import LocalSteps
 from service.steps import Pipeline
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
@@ -43,66 +47,70 @@ def _t(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+@dataclass
+class Partial(LocalSteps):
+    """The stages' plain steps, less the label or the emails when an op says its caller never got that far."""
+
+    label: bool = True
+    mail: bool = True
+
+    def render_label(self, rma: str) -> str | None:
+        return super().render_label(rma) if self.label else None
+
+    def notify(self, rma: str | None, return_id: int | None = None) -> None:
+        if self.mail:
+            super().notify(rma, return_id)
+
+    def report_sweep(self, report: SweepReport) -> None:
+        if self.mail:
+            super().report_sweep(report)
+
+
 def run_op(p: Pipeline, op: dict[str, Any]) -> Any:
-    """One stage, as its caller runs it (and no more): the unit the crash suite kills and resumes."""
+    """One stage, as its caller runs it (and no more), answering JSON: the unit the crash suite kills and resumes."""
     kind = op["op"]
+    now = _t(op.get("now") or op.get("as_of") or "2000-01-01T00:00:00+00:00")
+    steps = Partial(p, lambda: now, label=op.get("label", True), mail=op.get("relay", True))
     if kind == "import":
-        return p.import_data(parse(ImportIn, op["data"]))
+        return p.import_data(parse(ImportIn, op["data"])).as_dict()
     if kind == "request":  # storefront: decide + store, then the label, then the emails
-        out = p.request(request_for(op["order"], **op.get("changes", {})), _t(op["now"]), Actor("api"))
-        if out["state"] == "authorized" and op.get("label", True):
-            p.render_label(out["rma_number"])
-        if op.get("relay", True):
-            p.relay(_t(op["now"]))
-        return out
+        return stages.after_request(steps, request_for(op["order"], **op.get("changes", {}))).to_json()
     if kind == "receive":  # the dock: receipt, then processing at once, then the emails
-        now = _t(op["now"])
-        out = p.receive(receipt_for(op["rma"], op["lines"], op.get("received_at", op["now"])), now)
-        if out["state"] == "received" and op.get("process", True):
-            out = p.process(op["rma"], now, Actor("operator:dock")) or out
-        if op.get("relay", True):
-            p.relay(now)
-        return out
+        receipt = receipt_for(op["rma"], op["lines"], op.get("received_at", op["now"]))
+        if not op.get("process", True):
+            out = p.receive(receipt, now, Actor.operator(receipt.by))
+            steps.notify(out.rma_number)
+            return out.to_json()
+        return stages.after_receipt(steps, receipt).to_json()
     if kind == "process":  # an operator processes a received return
-        out = p.process(op["rma"], _t(op["now"]), Actor("api"))
-        if op.get("relay", True):
-            p.relay(_t(op["now"]))
-        return out
+        done = stages.process(steps, op["rma"], Actor("api"))
+        return done.to_json() if done else None
     if kind == "review":  # an operator settles a review; after receipt that finishes the refund
-        now = _t(op["now"])
-        out = p.review(op["rma"], op.get("authorize", True), "checked", "ops", now)
-        if out["state"] == "authorized":
-            p.render_label(op["rma"])
-        elif out["state"] == "processing":
-            out = p.finish(op["rma"], now, Actor("operator:ops"))
-        if op.get("relay", True):
-            p.relay(now)
-        return out
+        return stages.after_review(steps, op["rma"], op.get("authorize", True), "checked", Actor.operator("ops")
+                                   ).to_json()
     if kind == "sweep":
-        out = p.sweep(_t(op["as_of"]))
-        if op.get("relay", True):
-            p.relay(_t(op["as_of"]))
-        return out
+        return stages.sweep(steps, now).to_json()
     if kind == "relay":
-        return p.relay(_t(op["now"]))
+        return p.relay(now).to_json()
     if kind == "claim":
-        return p.claim(op["rma"], _t(op["now"]), Actor("api"))
+        return p.claim(op["rma"], now, Actor("api"))
     if kind.startswith("flow-"):
         return _run_flow(op)
     raise ValueError(f"unknown op {kind}")
 
 
 def _run_flow(op: dict[str, Any]) -> Any:
-    """A stage flow under the Prefect server at PREFECT_API_URL, heartbeats off (PREFECT-NOTES.md)."""
+    """A stage flow under the Prefect server at PREFECT_API_URL, heartbeats off (each one costs a run ~1 s)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows import returns as f
     from tasks import returns as t
 
-    if op.get("clock_offset_minutes"):  # the flows read the clock in tasks.returns.now: move it past a lease
+    if op.get("clock_offset_minutes"):  # the flows and tasks read the one clock by name: move both past a lease
         offset = timedelta(minutes=op["clock_offset_minutes"])
-        real_now = t.now
-        t.now = lambda: real_now() + offset  # type: ignore[assignment]
+        real_now = t.utcnow
+        for module in (f, t):
+            module.utcnow = lambda: real_now() + offset  # type: ignore[attr-defined]
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         if op["op"] == "flow-request":
             req = REQUESTS[op["order"]] | {"idempotency_key": f"crash-{op['order']}"}

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.schemas import ReturnRequestIn, parse
     from service.returns import Actor
     from service.steps import Pipeline
+    from tests.helpers import process, sweep
 
     p = Pipeline(settings=load_settings({"RETURNS_HOME": args.home, "RETURNS_DATABASE_URL": args.url}),
                  engine=engine_for(args.url))
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         random.Random(args.seed).shuffle(rmas)
         for rma in rmas:
             try:
-                done = p.process(rma, at, actor)
+                done = process(p, rma, at, actor)
                 (out["completed"] if done is not None else out["none"]).append(rma)  # type: ignore[attr-defined]
             except StaleState:
                 out["stale"].append(rma)  # type: ignore[attr-defined]
@@ -62,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                 out["errors"].append(f"{rma}: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
     elif args.mode == "sweep":
         try:
-            out["sweep"] = p.sweep(at, actor)
+            out["sweep"] = sweep(p, at).to_json()
         except Exception as exc:  # noqa: BLE001
             out["errors"].append(f"sweep: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
     else:
         try:
-            out["result"] = p.request(parse(ReturnRequestIn, args.request), at, actor)
+            out["result"] = p.request(parse(ReturnRequestIn, args.request), at, actor).to_json()
         except ReturnsError as exc:
             out["refused"] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001

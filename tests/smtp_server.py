@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from email import policy as email_policy
 from email.message import EmailMessage
@@ -11,11 +10,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 class Inbox:

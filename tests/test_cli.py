@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -22,14 +21,12 @@ from adapters.config import load_settings
 from adapters.db import make_engine, upgrade
 from models.rma import ALPHABET
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
-from service.returns import Actor
 from service.steps import Pipeline
+from tests import helpers
+from tests.helpers import LATER, NOW
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"
-NOW = "2026-11-20T10:00:00-05:00"
-NOW_DT = datetime.fromisoformat(NOW)
-LATER = NOW_DT + timedelta(days=4)
 REQUESTS = {s["request"]["order_number"]: s["request"]
             for s in json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))}
 
@@ -42,7 +39,7 @@ def db_url(home: Path) -> str:
 
 
 def cli(
-    home: Path, *args: str, stdin: str | bytes | None = None, now: str | None = NOW
+    home: Path, *args: str, stdin: str | bytes | None = None, now: str | None = NOW.isoformat()
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETURNS_")}
     env |= {"RETURNS_HOME": str(home), "RETURNS_DATABASE_URL": db_url(home),
@@ -61,12 +58,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def row_counts(home: Path) -> dict[str, int]:
-    con = sqlite3.connect(home / "returns.db")
+    engine = make_engine(db_url(home))
     try:
-        tables = [r[0] for r in con.execute("select name from sqlite_master where type = 'table' order by name")]
-        return {t: con.execute(f'select count(*) from "{t}"').fetchone()[0] for t in tables}
+        return helpers.row_counts(engine)
     finally:
-        con.close()
+        engine.dispose()
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, contains: str) -> None:
@@ -87,7 +83,7 @@ def needs_side_effects() -> None:
     pytest.importorskip("service.relay")
 
 
-def seed(home: Path, *orders: str) -> tuple[Pipeline, dict[str, dict[str, Any]]]:
+def seed(home: Path, *orders: str) -> tuple[Pipeline, dict[str, str | None]]:
     """Migrate, import the sample and make the given sample requests in-process; the CLI then takes over."""
     home.mkdir(parents=True, exist_ok=True)
     url = db_url(home)
@@ -95,7 +91,7 @@ def seed(home: Path, *orders: str) -> tuple[Pipeline, dict[str, dict[str, Any]]]
     engine = make_engine(url)
     p = Pipeline(settings=load_settings({"RETURNS_HOME": str(home), "RETURNS_DATABASE_URL": url}), engine=engine)
     p.import_data(parse(ImportIn, (SAMPLE / "catalog.json").read_text(encoding="utf-8")))
-    made = {o: p.request(parse(ReturnRequestIn, REQUESTS[o]), NOW_DT, Actor("api")) for o in orders}
+    made = {o: helpers.request(p, parse(ReturnRequestIn, REQUESTS[o])).rma_number for o in orders}
     return p, made
 
 
@@ -110,7 +106,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
     home = tmp_path_factory.mktemp("cli-seeded")
     p, made = seed(home, "IS-1001", "IS-1006")
     p.engine.dispose()
-    return home, {o: out["rma_number"] for o, out in made.items()}
+    return home, {o: rma for o, rma in made.items() if rma}
 
 
 # ---- the happy paths -----------------------------------------------------------------------------------------
@@ -147,10 +143,10 @@ def test_show_an_rma_typed_loosely(seeded: tuple[Path, dict[str, str]]) -> None:
     assert out["order_number"] == "IS-1001"
     assert out["lines"][0]["refund"] == "72.76"
     assert [(t["from"], t["to"]) for t in out["timeline"]] == [(None, "requested"), ("requested", "authorized")]
-    assert datetime.fromisoformat(out["rma_valid_until"]) == NOW_DT + timedelta(days=30)
+    assert datetime.fromisoformat(out["rma_valid_until"]) == NOW + timedelta(days=30)
 
 
-def test_request_receive_process_show(tmp_path: Path) -> None:
+def test_request_then_receive_completes_then_show(tmp_path: Path) -> None:
     needs_side_effects()
     p, _ = seed(tmp_path)
     p.engine.dispose()
@@ -168,14 +164,12 @@ def test_request_receive_process_show(tmp_path: Path) -> None:
     assert (tmp_path / "labels" / f"{rma}.pdf").exists()
 
     receipt = {"rma": rma, "received_at": LATER.isoformat(), "lines": [{"sku": "VC-SERUM-30", "unopened": 1}]}
-    got = ok(cli(tmp_path, "receive", "-", stdin=json.dumps(receipt), now=LATER.isoformat()))
-    assert got["state"] == "received"
-    assert datetime.fromisoformat(got["deadline"]) == LATER + timedelta(days=10)
-
-    done = ok(cli(tmp_path, "process", rma, now=LATER.isoformat()))
+    # The dock's stage: the receipt starts the 10-day clock (P8) and the return is processed at once.
+    done = ok(cli(tmp_path, "receive", "-", stdin=json.dumps(receipt), now=LATER.isoformat()))
     assert done["state"] == "completed"
     assert done["refund_total"] == "72.76"
     assert [pay["amount"] for pay in done["payments"]] == ["72.76"]
+    assert done["emails"] == {"sent": 3, "pending": 0, "failed": 0}  # RMA issued, received, processed
 
     shown = ok(cli(tmp_path, "show", rma, now=LATER.isoformat()))
     assert shown["state"] == "completed"
@@ -190,10 +184,10 @@ def test_sweep_as_of_expires_a_stale_rma(tmp_path: Path) -> None:
     needs_side_effects()
     p, made = seed(tmp_path, "IS-1008")
     p.engine.dispose()
-    rma = made["IS-1008"]["rma_number"]
-    early = ok(cli(tmp_path, "sweep", "--as-of", (NOW_DT + timedelta(days=29)).isoformat()))
+    rma = made["IS-1008"]
+    early = ok(cli(tmp_path, "sweep", "--as-of", (NOW + timedelta(days=29)).isoformat()))
     assert early["expired"] == []
-    out = ok(cli(tmp_path, "sweep", "--as-of", (NOW_DT + timedelta(days=30)).isoformat()))
+    out = ok(cli(tmp_path, "sweep", "--as-of", (NOW + timedelta(days=30)).isoformat()))
     assert out["expired"] == [rma]
     assert out["board"]["counts"] == {"expired": 1}
 
@@ -202,7 +196,7 @@ def test_review_authorize_before_receipt_issues_the_rma(tmp_path: Path) -> None:
     needs_side_effects()
     p, made = seed(tmp_path, "IS-1006")
     p.engine.dispose()
-    rma = made["IS-1006"]["rma_number"]
+    rma = made["IS-1006"]
     out = ok(cli(tmp_path, "review", rma, "--authorize", "--note", "x", "--by", "alice"))
     assert out["rma_number"] == rma and out["state"] == "authorized"
     assert (tmp_path / "labels" / f"{rma}.pdf").exists()
@@ -211,9 +205,9 @@ def test_review_authorize_before_receipt_issues_the_rma(tmp_path: Path) -> None:
 def test_review_authorize_after_receipt_completes_the_return(tmp_path: Path) -> None:
     needs_side_effects()
     p, made = seed(tmp_path, "IS-1011")
-    rma = made["IS-1011"]["rma_number"]
-    p.receive(parse(ReceiptIn, {"rma": rma, "received_at": LATER.isoformat(), "lines": [
-        {"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]}), LATER)
+    rma = made["IS-1011"]
+    helpers.receive(p, parse(ReceiptIn, {"rma": rma, "received_at": LATER.isoformat(), "lines": [
+        {"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]}))
     p.engine.dispose()
     out = ok(cli(tmp_path, "review", rma, "--authorize", "--note", "courier damage", "--by", "alice",
                  now=(LATER + timedelta(hours=1)).isoformat()))
@@ -225,7 +219,7 @@ def test_cancel(tmp_path: Path) -> None:
     needs_side_effects()
     p, made = seed(tmp_path, "IS-1001")
     p.engine.dispose()
-    rma = made["IS-1001"]["rma_number"]
+    rma = made["IS-1001"]
     out = ok(cli(tmp_path, "cancel", rma, "--note", "changed my mind", "--by", "bob"))
     assert out["rma_number"] == rma and out["state"] == "cancelled"
 
@@ -320,8 +314,8 @@ BAD_COMMANDS = [
     pytest.param(lambda r: (["cancel", r["IS-1006"], "--note", "bye", "--by", "bob"], None, None),
                  "only an authorized return", id="cancel-in-review"),
     pytest.param(lambda r: (["import", "-"], json.dumps({"orders": [{"number": "IS-2000", "account": "ACC-1001",
-                 "channel": "direct", "placed_at": NOW, "lines": [{"sku": "GHOST", "quantity": 1, "unit_price": "1.00",
-                 "unit_tax": "0.00"}]}]}), None), "unknown sku", id="import-unknown-sku"),
+                 "channel": "direct", "placed_at": NOW.isoformat(), "lines": [{"sku": "GHOST", "quantity": 1,
+                 "unit_price": "1.00", "unit_tax": "0.00"}]}]}), None), "unknown sku", id="import-unknown-sku"),
     pytest.param(lambda r: (["import", "/nonexistent/catalog.json"], None, None), "cannot read", id="import-missing"),
 ]
 
@@ -333,7 +327,7 @@ def test_bad_command_fails_cleanly_and_writes_nothing(
     home, rmas = seeded
     args, stdin, now = command(rmas)
     before = row_counts(home)
-    result = cli(home, *args, stdin=stdin, now=now or NOW)
+    result = cli(home, *args, stdin=stdin, now=now or NOW.isoformat())
     assert_clean_failure(result, 2, message)
     assert row_counts(home) == before
 

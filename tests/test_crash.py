@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -38,11 +37,10 @@ from models.tables import GatewaySettlement, OutboxMessage, Refund, RefundAlloca
 from service.steps import Pipeline
 from tests.conftest import SAMPLE, make_pipeline
 from tests.crash_driver import run_op
+from tests.helpers import LATER, NOW, free_port
 from tests.invariants import check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's clock: its decisions hold here
-LATER = NOW + timedelta(days=4)  # parcels reach the dock
 RESUME = LATER + timedelta(minutes=16)  # past the 15-minute processing lease
 RESUME2 = RESUME + timedelta(minutes=16)  # past a lease a crashed sweep re-took at RESUME
 RELAY_LATE = RESUME2 + timedelta(hours=2)  # past the relay's 5-minute lease and any backoff a resume left
@@ -312,10 +310,11 @@ def money_points(settle_n: int) -> list[tuple[str, dict[str, Any]]]:
 
 def receive_cases() -> list[Case]:
     setup = IMPORT + [req("IS-1002")]
+    # The receipt and the claim are one transaction: a crash after it leaves the return processing, for the sweep.
     cases = [Case("dock@receive.after-commit", setup, [rcv("IS-1002")], "receive.after-commit", "IS-1002",
-                  {"state": "received", "settlements": 0}, SWEEP_RESUME, PAID_1002)]
+                  {"state": "processing", "settlements": 0}, SWEEP_RESUME, PAID_1002)]
     cases += [Case(f"dock@{pt}", setup, [rcv("IS-1002")], pt, "IS-1002", mid, SWEEP_RESUME, PAID_1002)
-              for pt, mid in money_points(2)]
+              for pt, mid in money_points(2) if pt != "process.after-claim"]  # the receipt claims, no claim()
     # relay after the dock: 'received' then 'processed' (the rma_issued one went out in the setup)
     cases += [Case(f"dock@relay.after-send@{n}", setup, [rcv("IS-1002")], f"relay.after-send@{n}", "IS-1002",
                    {"state": "completed", "sent": n - 1, "emls": n}, [relay(LATER)], PAID_1002 | {"sent": 3})
@@ -442,12 +441,6 @@ def test_crash_and_resume_postgres(case: Case, tmp_path: Path, pg_url: str) -> N
 
 
 # ---- the Prefect flows, killed inside a flow run ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

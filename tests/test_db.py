@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import API, LATER, NOW, cancel, finish, process, receive, review, row_counts, sweep
 from pydantic import ValidationError
 from sqlalchemy import func, select
-from sqlmodel import SQLModel
 
-import models.tables  # noqa: F401  (registers every table on the metadata)
 from adapters.db import unit_of_work
 from models.errors import InvalidInput, NotFound, StaleState
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
+from models.states import State
 from models.tables import (
     GatewaySettlement,
     OrderLine,
@@ -33,15 +33,13 @@ from models.tables import (
     ReturnLine,
     Transition,
 )
+from service.results import Decided, Moved, Payout
 from service.returns import SAME_ANSWER_FOR_R13, Actor
 from service.steps import Pipeline
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
-LATER = NOW + timedelta(days=4)  # the parcel arrives at Lantana
 SAMPLES: list[dict[str, Any]] = json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
 BY_ORDER = {s["request"]["order_number"]: s["request"] for s in SAMPLES}
-API = Actor("api")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -51,18 +49,12 @@ def req(order: str, **changes: Any) -> ReturnRequestIn:
     return parse(ReturnRequestIn, BY_ORDER[order] | changes)
 
 
-def ask(p: Pipeline, order: str, now: datetime = NOW, **changes: Any) -> dict[str, Any]:
+def ask(p: Pipeline, order: str, now: datetime = NOW, **changes: Any) -> Decided:
     return p.request(req(order, **changes), now, API)
 
 
 def receipt(rma: str, lines: list[dict[str, Any]], at: datetime = LATER) -> ReceiptIn:
     return parse(ReceiptIn, {"rma": rma, "received_at": at.isoformat(), "lines": lines, "by": "dock"})
-
-
-def row_counts(p: Pipeline) -> dict[str, int]:
-    with unit_of_work(p.engine) as s:
-        return {t.name: int(s.execute(select(func.count()).select_from(t)).scalar_one())
-                for t in SQLModel.metadata.sorted_tables}
 
 
 def ret_row(p: Pipeline, rma: str) -> Return:
@@ -124,15 +116,15 @@ def test_every_sample_request_gets_its_expected_decision(sample_pipeline: Pipeli
     for sample in SAMPLES:
         out = p.request(parse(ReturnRequestIn, sample["request"]), NOW, API)
         label, expect = sample["label"], sample["expect"]
-        assert out["decision"] == expect, label
-        assert out["state"] == expect, label
-        assert out["policy_version"] == "image-skincare-2026.1"
-        assert (out["rma_number"] is not None) == (expect != "declined"), label
-        assert "R14" in out["clauses"]
-        assert transitions(p, out["return_id"]) == [(None, "requested", "api"), ("requested", expect, "api")]
-        assert [k for _, k, _ in outbox(p, out["return_id"])] == [expected_mail[expect]], label
+        assert out.outcome == expect, label
+        assert out.state == expect, label
+        assert out.decision["policy_version"] == "image-skincare-2026.1"
+        assert (out.rma_number is not None) == (expect != "declined"), label
+        assert "R14" in list(out.clauses)
+        assert transitions(p, out.return_id) == [(None, "requested", "api"), ("requested", expect, "api")]
+        assert [k for _, k, _ in outbox(p, out.return_id)] == [expected_mail[expect]], label
         if expect == "authorized":
-            r = ret_row(p, out["rma_number"])
+            r = ret_row(p, out.rma_number)
             assert r.rma_issued_at == NOW and r.rma_expires_at == NOW + timedelta(days=30)
     with unit_of_work(p.engine) as s:
         by_order = {r.order_number: r for r in s.scalars(select(Return))}
@@ -170,7 +162,7 @@ def test_r13_unknown_order_and_wrong_email_answer_alike(sample_pipeline: Pipelin
     assert set(messages) == {SAME_ANSWER_FOR_R13}
     assert row_counts(p) == before
     # the email match is case-insensitive
-    assert ask(p, "IS-1001", email="ZOE.LUKASIEWICZ@EXAMPLE.COM", idempotency_key=None)["decision"] == "authorized"
+    assert ask(p, "IS-1001", email="ZOE.LUKASIEWICZ@EXAMPLE.COM", idempotency_key=None).outcome == "authorized"
 
 
 def test_r13_an_idempotency_key_does_not_reveal_another_customers_return(sample_pipeline: Pipeline) -> None:
@@ -180,7 +172,7 @@ def test_r13_an_idempotency_key_does_not_reveal_another_customers_return(sample_
         stranger = ask(p, "IS-1003", idempotency_key="storefront-5001")
     except (NotFound, InvalidInput):
         return
-    assert stranger["rma_number"] != first["rma_number"]
+    assert stranger.rma_number != first.rma_number
 
 
 # ---- idempotency ---------------------------------------------------------------------------------------------
@@ -191,9 +183,9 @@ def test_idempotency_key_replay_returns_the_same_return(sample_pipeline: Pipelin
     first = ask(p, "IS-1001")
     before = row_counts(p)
     again = ask(p, "IS-1001")
-    assert again["replayed"] is True and first["replayed"] is False
-    assert (again["return_id"], again["rma_number"], again["refund_total"]) == \
-        (first["return_id"], first["rma_number"], first["refund_total"])
+    assert again.replayed is True and first.replayed is False
+    assert (again.return_id, again.rma_number, str(again.refund_total)) == \
+        (first.return_id, first.rma_number, str(first.refund_total))
     assert row_counts(p) == before
 
 
@@ -203,22 +195,22 @@ def test_idempotency_key_replay_returns_the_same_return(sample_pipeline: Pipelin
 def test_r11_units_on_open_returns_are_held(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline  # IS-1001 shipped 2 x VC-SERUM-30
     line = {"sku": "VC-SERUM-30", "quantity": 1, "unopened": True}
-    assert ask(p, "IS-1001", idempotency_key="a")["decision"] == "authorized"
+    assert ask(p, "IS-1001", idempotency_key="a").outcome == "authorized"
     before = row_counts(p)
     with pytest.raises(InvalidInput, match="1 left"):
         ask(p, "IS-1001", idempotency_key="b", lines=[line | {"quantity": 2}])
     assert row_counts(p) == before
-    assert ask(p, "IS-1001", idempotency_key="c", lines=[line])["decision"] == "authorized"
+    assert ask(p, "IS-1001", idempotency_key="c", lines=[line]).outcome == "authorized"
     with pytest.raises(InvalidInput, match="0 left"):
         ask(p, "IS-1001", idempotency_key="d", lines=[line])
     # the other line of the same order is untouched
     assert ask(p, "IS-1001", idempotency_key="e",
-               lines=[{"sku": "CL-FACIAL-CLN", "quantity": 1}])["decision"] == "authorized"
+               lines=[{"sku": "CL-FACIAL-CLN", "quantity": 1}]).outcome == "authorized"
 
 
 def test_r11_a_review_holds_units(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
-    assert ask(p, "IS-1006")["decision"] == "review"
+    assert ask(p, "IS-1006").outcome == "review"
     with pytest.raises(InvalidInput, match="R11"):
         ask(p, "IS-1006")
 
@@ -226,9 +218,9 @@ def test_r11_a_review_holds_units(sample_pipeline: Pipeline) -> None:
 def test_r11_a_declined_return_holds_no_units(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     opened = [{"sku": "VC-SERUM-30", "quantity": 2, "unopened": False}]
-    assert ask(p, "IS-1001", idempotency_key="x", lines=opened)["decision"] == "declined"
+    assert ask(p, "IS-1001", idempotency_key="x", lines=opened).outcome == "declined"
     out = ask(p, "IS-1001", idempotency_key="y", lines=[{"sku": "VC-SERUM-30", "quantity": 2}])
-    assert out["decision"] == "authorized"
+    assert out.outcome == "authorized"
 
 
 def test_cancel_frees_the_units(sample_pipeline: Pipeline) -> None:
@@ -236,13 +228,13 @@ def test_cancel_frees_the_units(sample_pipeline: Pipeline) -> None:
     first = ask(p, "IS-1001", idempotency_key="a", lines=[{"sku": "VC-SERUM-30", "quantity": 2}])
     with pytest.raises(InvalidInput, match="R11"):
         ask(p, "IS-1001", idempotency_key="b", lines=[{"sku": "VC-SERUM-30", "quantity": 1}])
-    out = p.cancel(first["rma_number"], "customer changed their mind", "bob", NOW + timedelta(hours=1))
-    assert out["state"] == "cancelled"
-    assert transitions(p, first["return_id"])[-1] == ("authorized", "cancelled", "operator:bob")
-    assert ask(p, "IS-1001", idempotency_key="c", lines=[{"sku": "VC-SERUM-30", "quantity": 2}])["decision"] == \
+    out = cancel(p, first.rma_number, "customer changed their mind", "bob", NOW + timedelta(hours=1))
+    assert out.state == "cancelled"
+    assert transitions(p, first.return_id)[-1] == ("authorized", "cancelled", "operator:bob")
+    assert ask(p, "IS-1001", idempotency_key="c", lines=[{"sku": "VC-SERUM-30", "quantity": 2}]).outcome == \
         "authorized"
     with pytest.raises(InvalidInput, match="cancelled"):
-        p.cancel(first["rma_number"], "again", "bob", NOW + timedelta(hours=2))
+        cancel(p, first.rma_number, "again", "bob", NOW + timedelta(hours=2))
     assert_audit_consistent(p)
 
 
@@ -252,9 +244,9 @@ def test_cancel_frees_the_units(sample_pipeline: Pipeline) -> None:
 def test_receipt_with_wrong_counts_is_refused_and_writes_nothing(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1002")  # PV-SPF50-91 x 2 authorized, OR-GEL-POL declined
-    rma = out["rma_number"]
+    rma = out.rma_number
     before = row_counts(p)
-    trail = transitions(p, out["return_id"])
+    trail = transitions(p, out.return_id)
     bad: list[tuple[list[dict[str, Any]], datetime, str]] = [
         ([{"sku": "PV-SPF50-91", "unopened": 1}], LATER, "1 units counted, 2"),
         ([{"sku": "PV-SPF50-91", "unopened": 2, "opened": 1}], LATER, "3 units counted"),
@@ -266,9 +258,9 @@ def test_receipt_with_wrong_counts_is_refused_and_writes_nothing(sample_pipeline
     ]
     for lines, at, message in bad:
         with pytest.raises(InvalidInput, match=message):
-            p.receive(receipt(rma, lines, at), LATER)
+            receive(p, receipt(rma, lines, at), LATER)
         assert row_counts(p) == before
-        assert transitions(p, out["return_id"]) == trail
+        assert transitions(p, out.return_id) == trail
         r = ret_row(p, rma)
         assert (r.state, r.received_at, r.deadline_at) == ("authorized", None, None)
     with unit_of_work(p.engine) as s:
@@ -277,13 +269,13 @@ def test_receipt_with_wrong_counts_is_refused_and_writes_nothing(sample_pipeline
 
 def test_receipt_of_a_return_not_awaiting_a_parcel_is_refused(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
-    review = ask(p, "IS-1006")["rma_number"]  # has a reference number but no issued RMA
+    review = ask(p, "IS-1006").rma_number  # has a reference number but no issued RMA
     with pytest.raises(InvalidInput, match="not awaiting"):
-        p.receive(receipt(review, [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
+        receive(p, receipt(review, [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
     with pytest.raises(NotFound):
-        p.receive(receipt("RMA-0000000", [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
+        receive(p, receipt("RMA-0000000", [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
     with pytest.raises(InvalidInput, match="check character"):
-        p.receive(receipt(review[:-1] + ("0" if review[-1] != "0" else "1"), [{"sku": "AG-RET-SRM",
+        receive(p, receipt(review[:-1] + ("0" if review[-1] != "0" else "1"), [{"sku": "AG-RET-SRM",
                                                                                  "unopened": 1}]), LATER)
 
 
@@ -291,14 +283,14 @@ def test_receipt_starts_the_ten_day_clock(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1001")
     received_at = datetime.fromisoformat("2026-11-23T16:45:00-05:00")
-    got = p.receive(receipt(out["rma_number"], [{"sku": "VC-SERUM-30", "unopened": 1}], received_at), LATER)
-    assert got["state"] == "received"
-    r = ret_row(p, out["rma_number"])
+    got = receive(p, receipt(out.rma_number, [{"sku": "VC-SERUM-30", "unopened": 1}], received_at), LATER)
+    assert got.state == "received"
+    r = ret_row(p, out.rma_number)
     assert r.received_at == received_at
     assert r.deadline_at == received_at + timedelta(days=10)
-    assert transitions(p, out["return_id"])[-1] == ("authorized", "received", "operator:dock")
-    assert [k for _, k, _ in outbox(p, out["return_id"])] == ["rma_issued", "received"]
-    assert p.show(out["rma_number"], LATER)["deadline_flag"] == "on_time"
+    assert transitions(p, out.return_id)[-1] == ("authorized", "received", "operator:dock")
+    assert [k for _, k, _ in outbox(p, out.return_id)] == ["rma_issued", "received"]
+    assert p.show(out.rma_number, LATER)["deadline_flag"] == "on_time"
 
 
 # ---- processing: exactly once --------------------------------------------------------------------------------
@@ -307,21 +299,21 @@ def test_receipt_starts_the_ten_day_clock(sample_pipeline: Pipeline) -> None:
 def test_process_pays_exactly_once(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1001")
-    rma = out["rma_number"]
-    assert p.process(rma, LATER, API) is None  # not received: nothing to refund yet
-    p.receive(receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
-    done = p.process(rma, LATER, Actor("worker"))
-    assert done is not None and done["state"] == "completed" and done["refund_total"] == "72.76"
+    rma = out.rma_number
+    assert process(p, rma, LATER, API) is None  # not received: nothing to refund yet
+    receive(p, receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
+    done = process(p, rma, LATER, Actor("worker"))
+    assert done is not None and done.state == "completed" and str(done.refund_total) == "72.76"
     before = row_counts(p)
-    assert p.process(rma, LATER + timedelta(minutes=1), Actor("worker")) is None
-    assert p.process(rma, LATER + timedelta(days=1), Actor("worker")) is None
+    assert process(p, rma, LATER + timedelta(minutes=1), Actor("worker")) is None
+    assert process(p, rma, LATER + timedelta(days=1), Actor("worker")) is None
     assert row_counts(p) == before
     assert payments(p, "IS-1001") == [("visa", 19520, 7276)]
     with unit_of_work(p.engine) as s:
         assert s.execute(select(func.count()).select_from(Refund)).scalar_one() == 1
         assert s.execute(select(func.count()).select_from(GatewaySettlement)).scalar_one() == 1
         assert s.execute(select(func.sum(RefundAllocation.amount_cents))).scalar_one() == 7276
-    assert [t[:2] for t in transitions(p, out["return_id"])][-3:] == [
+    assert [t[:2] for t in transitions(p, out.return_id)][-3:] == [
         ("authorized", "received"), ("received", "processing"), ("processing", "completed")]
     shown = p.show(rma, LATER)
     assert shown["state"] == "completed" and shown["refund_total"] == "72.76"
@@ -332,9 +324,9 @@ def test_process_pays_exactly_once(sample_pipeline: Pipeline) -> None:
 def test_r10_refund_goes_to_the_most_recent_payment_first(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1002")  # 80.04 over mastercard 73.52 (10:05:00) and paypal 73.53 (10:05:30)
-    p.receive(receipt(out["rma_number"], [{"sku": "PV-SPF50-91", "unopened": 2}]), LATER)
-    done = p.process(out["rma_number"], LATER, API)
-    assert done is not None and done["refund_total"] == "80.04"
+    receive(p, receipt(out.rma_number, [{"sku": "PV-SPF50-91", "unopened": 2}]), LATER)
+    done = process(p, out.rma_number, LATER, API)
+    assert done is not None and str(done.refund_total) == "80.04"
     assert payments(p, "IS-1002") == [("mastercard", 7352, 651), ("paypal", 7353, 7353)]
     for _, captured, refunded in payments(p, "IS-1002"):
         assert refunded <= captured
@@ -343,11 +335,11 @@ def test_r10_refund_goes_to_the_most_recent_payment_first(sample_pipeline: Pipel
 def test_r12_opened_and_missing_units_are_not_refunded(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1002")
-    p.receive(receipt(out["rma_number"], [{"sku": "PV-SPF50-91", "unopened": 1, "opened": 1}]), LATER)
-    done = p.process(out["rma_number"], LATER, API)
+    receive(p, receipt(out.rma_number, [{"sku": "PV-SPF50-91", "unopened": 1, "opened": 1}]), LATER)
+    done = process(p, out.rma_number, LATER, API)
     assert done is not None
-    assert done["refund_total"] == "40.02"  # 46.00 + 3.22 - 9.20 for the one unopened unit
-    line = p.show(out["rma_number"], LATER)["lines"][0]
+    assert str(done.refund_total) == "40.02"  # 46.00 + 3.22 - 9.20 for the one unopened unit
+    line = p.show(out.rma_number, LATER)["lines"][0]
     assert line["received"] == {"unopened": 1, "opened": 1, "damaged": 0, "missing": 0}
     assert line["settled_refund"] == "40.02"
 
@@ -355,28 +347,28 @@ def test_r12_opened_and_missing_units_are_not_refunded(sample_pipeline: Pipeline
 def test_crash_between_pay_and_complete_pays_once(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1002")
-    rma = out["rma_number"]
-    p.receive(receipt(rma, [{"sku": "PV-SPF50-91", "unopened": 2}]), LATER)
+    rma = out.rma_number
+    receive(p, receipt(rma, [{"sku": "PV-SPF50-91", "unopened": 2}]), LATER)
     assert p.claim(rma, LATER, API) is True
     assert p.claim(rma, LATER + timedelta(minutes=1), API) is False  # the lease is held
     plan = p.plan_refund(rma)
-    refs = p.pay(plan)
+    refs = p.pay(plan).references
     # the worker dies here; a retry re-plans and pays again with the same keys
     plan_again = p.plan_refund(rma)
     assert plan_again.allocations == plan.allocations
-    assert p.pay(plan_again) == refs
+    assert p.pay(plan_again).references == refs
     with unit_of_work(p.engine) as s:
         settled = list(s.scalars(select(GatewaySettlement)))
     keys = sorted(f"refund:{rma}:{a.payment_id}" for a in plan.allocations)
     assert sorted(g.idempotency_key for g in settled) == keys
     assert sum(g.amount_cents for g in settled) == 8004
     assert payments(p, "IS-1002") == [("mastercard", 7352, 0), ("paypal", 7353, 0)]  # not recorded yet
-    done = p.complete(rma, plan, refs, LATER, API)
-    assert done["state"] == "completed"
+    done = p.complete(Payout(plan, refs), LATER, API)
+    assert done.state == "completed"
     assert payments(p, "IS-1002") == [("mastercard", 7352, 651), ("paypal", 7353, 7353)]
     with pytest.raises(StaleState):
-        p.complete(rma, plan, refs, LATER, API)
-    assert p.process(rma, LATER + timedelta(hours=1), API) is None
+        p.complete(Payout(plan, refs), LATER, API)
+    assert process(p, rma, LATER + timedelta(hours=1), API) is None
     with unit_of_work(p.engine) as s:
         assert s.execute(select(func.count()).select_from(GatewaySettlement)).scalar_one() == len(plan.allocations)
     assert_audit_consistent(p)
@@ -385,12 +377,12 @@ def test_crash_between_pay_and_complete_pays_once(sample_pipeline: Pipeline) -> 
 def test_a_crashed_claim_is_redriven_after_its_lease(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1001")
-    rma = out["rma_number"]
-    p.receive(receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
+    rma = out.rma_number
+    receive(p, receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
     assert p.claim(rma, LATER, API)
-    assert p.process(rma, LATER + timedelta(minutes=14), API) is None
-    done = p.process(rma, LATER + timedelta(minutes=16), API)
-    assert done is not None and done["state"] == "completed"
+    assert process(p, rma, LATER + timedelta(minutes=14), API) is None
+    done = process(p, rma, LATER + timedelta(minutes=16), API)
+    assert done is not None and done.state == "completed"
     assert payments(p, "IS-1001") == [("visa", 19520, 7276)]
 
 
@@ -404,19 +396,19 @@ def test_outbox_holds_one_row_per_return_and_kind(sample_pipeline: Pipeline, mon
     declined = ask(p, "IS-1003")
     review = ask(p, "IS-1006")
     lapsing = ask(p, "IS-1008")
-    p.receive(receipt(done["rma_number"], [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
-    assert p.process(done["rma_number"], LATER, API) is not None
-    swept = p.sweep(NOW + timedelta(days=30))
-    assert swept["expired"] == [lapsing["rma_number"]]
+    receive(p, receipt(done.rma_number, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
+    assert process(p, done.rma_number, LATER, API) is not None
+    swept = sweep(p, NOW + timedelta(days=30))
+    assert swept.expired == [lapsing.rma_number]
     care = p.settings.care_address
-    assert outbox(p, done["return_id"]) == [(done["return_id"], "rma_issued", "zoe.lukasiewicz@example.com"),
-                                            (done["return_id"], "received", "zoe.lukasiewicz@example.com"),
-                                            (done["return_id"], "processed", "zoe.lukasiewicz@example.com")]
-    assert outbox(p, declined["return_id"]) == [(declined["return_id"], "declined", "ngo.bao.chau@example.com")]
-    assert outbox(p, review["return_id"]) == [(review["return_id"], "review_needed", care)]
-    assert [k for _, k, _ in outbox(p, lapsing["return_id"])] == ["rma_issued", "expired"]
+    assert outbox(p, done.return_id) == [(done.return_id, "rma_issued", "zoe.lukasiewicz@example.com"),
+                                            (done.return_id, "received", "zoe.lukasiewicz@example.com"),
+                                            (done.return_id, "processed", "zoe.lukasiewicz@example.com")]
+    assert outbox(p, declined.return_id) == [(declined.return_id, "declined", "ngo.bao.chau@example.com")]
+    assert outbox(p, review.return_id) == [(review.return_id, "review_needed", care)]
+    assert [k for _, k, _ in outbox(p, lapsing.return_id)] == ["rma_issued", "expired"]
     before = row_counts(p)
-    assert p.sweep(NOW + timedelta(days=31))["expired"] == []
+    assert sweep(p, NOW + timedelta(days=31)).expired == []
     assert row_counts(p) == before
     assert_audit_consistent(p)
 
@@ -430,18 +422,18 @@ def test_r8_sweep_expires_an_rma_after_30_days_and_not_before(
     p = sample_pipeline
     skip_label_pass(p, monkeypatch)
     out = ask(p, "IS-1008")
-    rma = out["rma_number"]
-    assert p.sweep(NOW + timedelta(days=30) - timedelta(seconds=1))["expired"] == []
+    rma = out.rma_number
+    assert sweep(p, NOW + timedelta(days=30) - timedelta(seconds=1)).expired == []
     assert ret_row(p, rma).state == "authorized"
-    assert p.sweep(NOW + timedelta(days=30))["expired"] == [rma]
+    assert sweep(p, NOW + timedelta(days=30)).expired == [rma]
     assert ret_row(p, rma).state == "expired"
-    assert transitions(p, out["return_id"])[-1] == ("authorized", "expired", "sweep")
-    assert p.sweep(NOW + timedelta(days=40))["expired"] == []
+    assert transitions(p, out.return_id)[-1] == ("authorized", "expired", "sweep")
+    assert sweep(p, NOW + timedelta(days=40)).expired == []
     with pytest.raises(InvalidInput):
-        p.receive(receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}], NOW + timedelta(days=30, hours=1)),
+        receive(p, receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}], NOW + timedelta(days=30, hours=1)),
                   NOW + timedelta(days=30, hours=1))
     # the units are free again (R8: a new request may be made)
-    assert ask(p, "IS-1008", now=NOW + timedelta(days=30, hours=2))["decision"] == "authorized"
+    assert ask(p, "IS-1008", now=NOW + timedelta(days=30, hours=2)).outcome == "authorized"
 
 
 def test_r9_due_soon_and_overdue_are_escalated_once_each(
@@ -450,27 +442,27 @@ def test_r9_due_soon_and_overdue_are_escalated_once_each(
     p = sample_pipeline
     skip_label_pass(p, monkeypatch)
     out = ask(p, "IS-1011")
-    rma = out["rma_number"]
-    p.receive(receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]), LATER)
+    rma = out.rma_number
+    receive(p, receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]), LATER)
     assert ret_row(p, rma).state == "review"  # waits for an operator; the clock keeps running
     deadline = LATER + timedelta(days=10)
     assert ret_row(p, rma).deadline_at == deadline
     due = deadline - timedelta(hours=48)
-    assert p.sweep(due - timedelta(seconds=1))["due_soon"] == []
-    assert p.sweep(due)["due_soon"] == [rma]
-    assert p.sweep(due)["due_soon"] == []
-    assert p.sweep(due + timedelta(hours=1))["due_soon"] == []
-    assert p.sweep(deadline - timedelta(seconds=1))["overdue"] == []
-    first = p.sweep(deadline)
-    assert first["overdue"] == [rma] and first["due_soon"] == []
-    assert p.sweep(deadline)["overdue"] == []
-    assert p.sweep(deadline + timedelta(days=2))["overdue"] == []
-    kinds = Counter(k for _, k, _ in outbox(p, out["return_id"]))
+    assert sweep(p, due - timedelta(seconds=1)).due_soon == []
+    assert sweep(p, due).due_soon == [rma]
+    assert sweep(p, due).due_soon == []
+    assert sweep(p, due + timedelta(hours=1)).due_soon == []
+    assert sweep(p, deadline - timedelta(seconds=1)).overdue == []
+    first = sweep(p, deadline)
+    assert first.overdue == [rma] and first.due_soon == []
+    assert sweep(p, deadline).overdue == []
+    assert sweep(p, deadline + timedelta(days=2)).overdue == []
+    kinds = Counter(k for _, k, _ in outbox(p, out.return_id))
     assert kinds["due_soon"] == 1 and kinds["overdue"] == 1
     care = p.settings.care_address
-    assert {r for _, k, r in outbox(p, out["return_id"]) if k in {"due_soon", "overdue"}} == {care}
+    assert {r for _, k, r in outbox(p, out.return_id) if k in {"due_soon", "overdue"}} == {care}
     board = p.board(deadline)
-    assert board["overdue"] == [rma]
+    assert board.overdue == [rma]
     assert p.show(rma, deadline)["deadline_flag"] == "overdue"
 
 
@@ -480,10 +472,10 @@ def test_sweep_processes_a_received_return_left_behind(
     p = sample_pipeline
     skip_label_pass(p, monkeypatch)
     out = ask(p, "IS-1001")
-    p.receive(receipt(out["rma_number"], [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
-    swept = p.sweep(LATER + timedelta(hours=1))
-    assert swept["processed"] == [out["rma_number"]]
-    assert p.sweep(LATER + timedelta(hours=2))["processed"] == []
+    receive(p, receipt(out.rma_number, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
+    swept = sweep(p, LATER + timedelta(hours=1))
+    assert swept.processed == [out.rma_number]
+    assert sweep(p, LATER + timedelta(hours=2)).processed == []
     assert payments(p, "IS-1001") == [("visa", 19520, 7276)]
 
 
@@ -493,23 +485,23 @@ def test_sweep_processes_a_received_return_left_behind(
 def test_review_before_receipt_issues_an_rma(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1006")
-    rma = out["rma_number"]
+    rma = out.rma_number
     assert ret_row(p, rma).rma_issued_at is None
     with pytest.raises(InvalidInput):
-        p.cancel(rma, "not authorized yet", "alice", NOW)
+        cancel(p, rma, "not authorized yet", "alice", NOW)
     at = NOW + timedelta(hours=3)
-    assert p.review(rma, True, "lot expires 2028-06", "alice", at) == {"rma_number": rma, "state": "authorized"}
+    assert review(p, rma, True, "lot expires 2028-06", "alice", at) == Moved(rma, State.AUTHORIZED)
     r = ret_row(p, rma)
     assert (r.rma_issued_at, r.rma_expires_at) == (at, at + timedelta(days=30))
-    assert transitions(p, out["return_id"]) == [(None, "requested", "api"), ("requested", "review", "api"),
+    assert transitions(p, out.return_id) == [(None, "requested", "api"), ("requested", "review", "api"),
                                                 ("review", "authorized", "operator:alice")]
-    assert [k for _, k, _ in outbox(p, out["return_id"])] == ["review_needed", "rma_issued"]
+    assert [k for _, k, _ in outbox(p, out.return_id)] == ["review_needed", "rma_issued"]
     assert [ln["decision"] for ln in p.show(rma, at)["lines"]] == ["authorized"]
     with pytest.raises(InvalidInput, match="not in review"):
-        p.review(rma, True, "twice", "alice", at)
-    p.receive(receipt(rma, [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
-    done = p.process(rma, LATER, API)
-    assert done is not None and done["refund_total"] == "62.64"  # 72.00 + 5.04 - 14.40 (P4)
+        review(p, rma, True, "twice", "alice", at)
+    receive(p, receipt(rma, [{"sku": "AG-RET-SRM", "unopened": 1}]), LATER)
+    done = process(p, rma, LATER, API)
+    assert done is not None and str(done.refund_total) == "62.64"  # 72.00 + 5.04 - 14.40 (P4)
     assert payments(p, "IS-1006") == [("afterpay", 8499, 6264)]
     assert_audit_consistent(p)
 
@@ -517,20 +509,20 @@ def test_review_before_receipt_issues_an_rma(sample_pipeline: Pipeline) -> None:
 def test_review_declined_before_receipt(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1006")
-    assert p.review(out["rma_number"], False, "lot expired", "alice", NOW)["state"] == "declined"
-    assert [k for _, k, _ in outbox(p, out["return_id"])] == ["review_needed", "declined"]
-    assert ask(p, "IS-1006", idempotency_key="again")["decision"] == "review"  # units free again
+    assert review(p, out.rma_number, False, "lot expired", "alice", NOW).state == "declined"
+    assert [k for _, k, _ in outbox(p, out.return_id)] == ["review_needed", "declined"]
+    assert ask(p, "IS-1006", idempotency_key="again").outcome == "review"  # units free again
 
 
 def _damaged_in_transit(p: Pipeline) -> tuple[dict[str, Any], str]:
     out = ask(p, "IS-1011")
-    rma = out["rma_number"]
-    p.receive(receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]), LATER)
+    rma = out.rma_number
+    receive(p, receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]), LATER)
     assert ret_row(p, rma).state == "review"
-    assert transitions(p, out["return_id"])[-2:] == [("authorized", "received", "operator:dock"),
+    assert transitions(p, out.return_id)[-2:] == [("authorized", "received", "operator:dock"),
                                                      ("received", "review", "operator:dock")]
-    assert [k for _, k, _ in outbox(p, out["return_id"])] == ["rma_issued", "received", "review_needed"]
-    assert p.process(rma, LATER, API) is None  # review holds it
+    assert [k for _, k, _ in outbox(p, out.return_id)] == ["rma_issued", "received", "review_needed"]
+    assert process(p, rma, LATER, API) is None  # review holds it
     return out, rma
 
 
@@ -539,19 +531,19 @@ def test_review_after_receipt_authorize_finishes_with_the_damaged_unit_refunded(
     out, rma = _damaged_in_transit(p)
     at = LATER + timedelta(hours=2)
     operator = Actor("operator:alice")
-    assert p.review(rma, True, "courier damage, refund", "alice", at)["state"] == "processing"
-    assert p.process(rma, at, operator) is None  # the review holds the claim: no second worker takes it
-    done = p.finish(rma, at, operator)
-    assert done["state"] == "completed"
-    assert done["refund_total"] == "132.68"  # 72.00 + 5.04 (damaged, approved) + 52.00 + 3.64
+    assert review(p, rma, True, "courier damage, refund", "alice", at).state == "processing"
+    assert process(p, rma, at, operator) is None  # the review holds the claim: no second worker takes it
+    done = finish(p, rma, at, operator)
+    assert done.state == "completed"
+    assert str(done.refund_total) == "132.68"  # 72.00 + 5.04 (damaged, approved) + 52.00 + 3.64
     lines = {ln["sku"]: ln for ln in p.show(rma, at)["lines"]}
     assert lines["AG-RET-SRM"]["settled_refund"] == "77.04"
     assert lines["IL-FIRM-MASK"]["settled_refund"] == "55.64"
     assert payments(p, "IS-1011") == [("apple_pay", 14063, 13268)]
-    assert [t for t in transitions(p, out["return_id"]) if t[2] == "operator:alice"] == [
+    assert [t for t in transitions(p, out.return_id) if t[2] == "operator:alice"] == [
         ("review", "processing", "operator:alice"), ("processing", "completed", "operator:alice")]
-    assert p.process(rma, at + timedelta(hours=1), operator) is None
-    assert [k for _, k, _ in outbox(p, out["return_id"])][-1] == "processed"
+    assert process(p, rma, at + timedelta(hours=1), operator) is None
+    assert [k for _, k, _ in outbox(p, out.return_id)][-1] == "processed"
     assert_audit_consistent(p)
 
 
@@ -562,10 +554,10 @@ def test_review_after_receipt_whose_finish_crashed_is_finished_by_the_sweep(
     skip_label_pass(p, monkeypatch)
     _, rma = _damaged_in_transit(p)
     at = LATER + timedelta(hours=2)
-    p.review(rma, True, "courier damage, refund", "alice", at)
+    review(p, rma, True, "courier damage, refund", "alice", at)
     p.pay(p.plan_refund(rma))  # the operator's run dies after paying, before recording it
-    assert p.sweep(at + timedelta(minutes=14))["processed"] == []  # lease still held
-    assert p.sweep(at + timedelta(minutes=16))["processed"] == [rma]
+    assert sweep(p, at + timedelta(minutes=14)).processed == []  # lease still held
+    assert sweep(p, at + timedelta(minutes=16)).processed == [rma]
     assert ret_row(p, rma).state == "completed"
     assert payments(p, "IS-1011") == [("apple_pay", 14063, 13268)]
     with unit_of_work(p.engine) as s:
@@ -576,9 +568,9 @@ def test_review_after_receipt_whose_finish_crashed_is_finished_by_the_sweep(
 def test_review_after_receipt_declined(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out, rma = _damaged_in_transit(p)
-    assert p.review(rma, False, "customer damage", "alice", LATER)["state"] == "declined"
+    assert review(p, rma, False, "customer damage", "alice", LATER).state == "declined"
     assert payments(p, "IS-1011") == [("apple_pay", 14063, 0)]
-    assert outbox(p, out["return_id"])[-1][1] == "declined"
+    assert outbox(p, out.return_id)[-1][1] == "declined"
 
 
 # ---- bad input changes nothing --------------------------------------------------------------------------------
@@ -633,7 +625,7 @@ def test_bad_imports_change_nothing(sample_pipeline: Pipeline) -> None:
             p.import_data(parse(ImportIn, data))
         assert row_counts(p) == before
     good = p.import_data(parse(ImportIn, {"products": [new_product], "customers": [new_customer], "orders": [order]}))
-    assert good["orders_added"] == 1
+    assert good.orders_added == 1
     assert row_counts(p)["orders"] == before["orders"] + 1
 
 
@@ -641,7 +633,7 @@ def test_import_is_idempotent(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     before = row_counts(p)
     again = p.import_data(parse(ImportIn, (SAMPLE / "catalog.json").read_text(encoding="utf-8")))
-    assert again["orders_added"] == 0 and again["orders_updated"] == 0
+    assert again.orders_added == 0 and again.orders_updated == 0
     assert row_counts(p) == before
     with unit_of_work(p.engine) as s:
         lines = s.execute(select(func.count()).select_from(OrderLine)).scalar_one()
@@ -652,15 +644,15 @@ def test_import_is_idempotent(sample_pipeline: Pipeline) -> None:
 def test_replacement_and_exchange_settle_at_processing(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     replacement = ask(p, "IS-1004")  # P5, opened item, replacement: nothing to pay back
-    p.receive(receipt(replacement["rma_number"], [{"sku": "IL-FIRM-MASK", "opened": 1}]), LATER)
-    done = p.process(replacement["rma_number"], LATER, API)
-    assert done is not None and done["refund_total"] == "0.00" and done["payments"] == []
+    receive(p, receipt(replacement.rma_number, [{"sku": "IL-FIRM-MASK", "opened": 1}]), LATER)
+    done = process(p, replacement.rma_number, LATER, API)
+    assert done is not None and str(done.refund_total) == "0.00" and done.allocations == ()
     assert payments(p, "IS-1004") == [("discover", 10853, 0)]
-    assert p.show(replacement["rma_number"], LATER)["lines"][0]["replacement_units"] == 1
+    assert p.show(replacement.rma_number, LATER)["lines"][0]["replacement_units"] == 1
     exchange = ask(p, "IS-1007")  # P6: 42.00 item back, the 38.00 one ships, 4.00 back to the card
-    p.receive(receipt(exchange["rma_number"], [{"sku": "PV-SPF32-91", "unopened": 1}]), LATER)
-    done = p.process(exchange["rma_number"], LATER, API)
-    assert done is not None and done["refund_total"] == "4.00"
+    receive(p, receipt(exchange.rma_number, [{"sku": "PV-SPF32-91", "unopened": 1}]), LATER)
+    done = process(p, exchange.rma_number, LATER, API)
+    assert done is not None and str(done.refund_total) == "4.00"
     assert payments(p, "IS-1007") == [("visa", 5289, 400)]
     with unit_of_work(p.engine) as s:
         assert s.execute(select(func.count()).select_from(GatewaySettlement)).scalar_one() == 1
@@ -670,8 +662,8 @@ def test_replacement_and_exchange_settle_at_processing(sample_pipeline: Pipeline
 def test_r11_a_completed_return_keeps_holding_its_units(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1001")
-    p.receive(receipt(out["rma_number"], [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
-    assert p.process(out["rma_number"], LATER, API) is not None
+    receive(p, receipt(out.rma_number, [{"sku": "VC-SERUM-30", "unopened": 1}]), LATER)
+    assert process(p, out.rma_number, LATER, API) is not None
     with pytest.raises(InvalidInput, match="1 left"):
         ask(p, "IS-1001", now=LATER, idempotency_key="again", lines=[{"sku": "VC-SERUM-30", "quantity": 2}])
 
@@ -679,12 +671,12 @@ def test_r11_a_completed_return_keeps_holding_its_units(sample_pipeline: Pipelin
 def test_a_second_review_at_receipt_still_tells_customer_care(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
     out = ask(p, "IS-1006")
-    rma = out["rma_number"]
-    p.review(rma, True, "expiry checked", "alice", NOW)
-    p.receive(receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}]), LATER)
+    rma = out.rma_number
+    review(p, rma, True, "expiry checked", "alice", NOW)
+    receive(p, receipt(rma, [{"sku": "AG-RET-SRM", "damaged": 1}]), LATER)
     assert ret_row(p, rma).state == "review"
     with unit_of_work(p.engine) as s:
-        reasons = [r for m in s.scalars(select(OutboxMessage).where(OutboxMessage.return_id == out["return_id"],
+        reasons = [r for m in s.scalars(select(OutboxMessage).where(OutboxMessage.return_id == out.return_id,
                                                                     OutboxMessage.kind == "review_needed"))
                    for r in m.context.get("reasons", [])]  # type: ignore[union-attr]
     assert any("damaged" in r for r in reasons), reasons
@@ -692,13 +684,13 @@ def test_a_second_review_at_receipt_still_tells_customer_care(sample_pipeline: P
 
 def test_the_same_receipt_recorded_twice_replays_and_a_different_one_is_refused(sample_pipeline: Pipeline) -> None:
     p = sample_pipeline
-    rma = ask(p, "IS-1001")["rma_number"]
+    rma = ask(p, "IS-1001").rma_number
     parcel = receipt(rma, [{"sku": "VC-SERUM-30", "unopened": 1}])
-    first = p.receive(parcel, LATER, claim=True)
-    assert first["state"] == "processing"
+    first = receive(p, parcel, LATER, claim=True)
+    assert first.state == "processing"
     before = row_counts(p)
-    assert p.receive(parcel, LATER, claim=True)["state"] == "processing"  # a retried task: nothing twice
+    assert receive(p, parcel, LATER, claim=True).state == "processing"  # a retried task: nothing twice
     assert row_counts(p) == before
     with pytest.raises(InvalidInput, match="not awaiting a parcel"):
-        p.receive(receipt(rma, [{"sku": "VC-SERUM-30", "opened": 1}]), LATER)
+        receive(p, receipt(rma, [{"sku": "VC-SERUM-30", "opened": 1}]), LATER)
     assert row_counts(p) == before

@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from email import policy as email_policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -46,11 +46,10 @@ from service.returns import Actor
 from service.steps import Pipeline
 from tests.conftest import PG_ADMIN_URL, SAMPLE
 from tests.crash_driver import receipt_for, request_for, run_op
+from tests.helpers import LATER, NOW, finish, process, receive, redrive, review, sweep
 from tests.invariants import check_invariants
 from tests.smtp_server import SmtpServer
 
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's clock
-LATER = NOW + timedelta(days=4)
 AFTER_LEASE = LATER + timedelta(minutes=16)
 CATALOG = json.loads((SAMPLE / "catalog.json").read_text("utf-8"))
 ZOE = "zoe.lukasiewicz@example.com"  # IS-1001's account contact
@@ -169,11 +168,11 @@ def test_smtp_550_parks_the_email_failed_and_visible_and_the_rest_go_out(tmp_pat
     rma = run_op(p, {"op": "request", "order": "IS-1001", "now": NOW.isoformat(), "relay": False})["rma_number"]
     run_op(p, {"op": "request", "order": "IS-1003", "now": NOW.isoformat(), "relay": False})
     report = p.relay(NOW)
-    assert len(report["sent"]) == 1 and len(report["failed"]) == 1 and report["halted"] is None
-    assert "550" in report["failed"][0]["error"] and ZOE not in json.dumps(report)  # the reason, not the address
+    assert len(report.sent) == 1 and len(report.failed) == 1 and report.halted is None
+    assert "550" in report.failed[0]["error"] and ZOE not in json.dumps(report.to_json())  # the reason, not the address
     assert p.outbox_counts() == {"pending": 0, "sent": 1, "failed": 1}
     assert [m["status"] for m in p.show(rma, NOW)["emails"]] == ["failed"]  # the operator's view shows it
-    assert p.relay(NOW + timedelta(days=1))["sent"] == []  # parked: not retried into the void, not deleted
+    assert p.relay(NOW + timedelta(days=1)).sent == []  # parked: not retried into the void, not deleted
     assert_accounted_for(p, smtp.handler.message_ids())
     TALLY["scenarios parked visibly"] += 1
 
@@ -183,12 +182,12 @@ def test_smtp_451_waits_out_its_backoff_then_is_sent_once(tmp_path: Path, smtp: 
     smtp.handler.rcpt[ZOE] = ["451 4.3.0 Mailbox busy, try again later"]
     run_op(p, {"op": "request", "order": "IS-1001", "now": NOW.isoformat(), "relay": False})
     report = p.relay(NOW)
-    assert report["sent"] == [] and len(report["deferred"]) == 1 and "451" in report["deferred"][0]["error"]
+    assert report.sent == [] and len(report.deferred) == 1 and "451" in report.deferred[0]["error"]
     (row,) = outbox(p)
     assert (row.status, row.attempts) == ("pending", 1) and row.next_attempt_at > NOW
     assert_accounted_for(p, smtp.handler.message_ids())
-    assert p.relay(row.next_attempt_at - timedelta(seconds=1))["sent"] == []  # not before its backoff
-    assert len(p.relay(row.next_attempt_at)["sent"]) == 1
+    assert p.relay(row.next_attempt_at - timedelta(seconds=1)).sent == []  # not before its backoff
+    assert len(p.relay(row.next_attempt_at).sent) == 1
     assert smtp.handler.message_ids() == [row.message_id]
     assert_accounted_for(p, smtp.handler.message_ids())
     settled(p)
@@ -204,12 +203,12 @@ def test_smtp_connection_dropped_during_data_is_resent_under_the_same_message_id
     run_op(p, {"op": "request", "order": "IS-1001", "now": NOW.isoformat(), "relay": False})
     run_op(p, {"op": "request", "order": "IS-1003", "now": NOW.isoformat(), "relay": False})
     report = p.relay(NOW)
-    assert len(report["deferred"]) == 1 and "connection lost" in report["deferred"][0]["error"]
-    assert len(report["sent"]) == 1  # a dropped connection is this message's problem, not the server's: go on
+    assert len(report.deferred) == 1 and "connection lost" in report.deferred[0]["error"]
+    assert len(report.sent) == 1  # a dropped connection is this message's problem, not the server's: go on
     dropped = next(m for m in outbox(p) if m.status == "pending")
     assert dropped.attempts == 1
     later = p.relay(dropped.next_attempt_at)
-    assert len(later["sent"]) == 1
+    assert len(later.sent) == 1
     ids = smtp.handler.message_ids()
     assert ids.count(dropped.message_id) == (2 if when == "drop-after" else 1)
     assert len(set(ids)) == 2 and all(m.status == "sent" for m in outbox(p))
@@ -223,7 +222,7 @@ def test_smtp_down_then_back_sends_everything_once(tmp_path: Path) -> None:
     for order in ("IS-1001", "IS-1003", "IS-1006"):
         run_op(p, {"op": "request", "order": order, "now": NOW.isoformat(), "relay": False})
     report = p.relay(NOW)
-    assert report["sent"] == [] and report["failed"] == [] and "unreachable" in (report["halted"] or "")
+    assert report.sent == [] and report.failed == [] and "unreachable" in (report.halted or "")
     assert p.outbox_counts() == {"pending": 3, "sent": 0, "failed": 0}
     assert_accounted_for(p, [])
     srv.start()
@@ -288,14 +287,14 @@ def test_sqlite_locked_during_each_step_is_transient_writes_nothing_and_retries_
         return step()  # the retry, lock released
 
     out = under_lock(lambda: p.request(request_for("IS-1002"), NOW, Actor("api")))
-    rma = out["rma_number"]
+    rma = out.rma_number
     under_lock(lambda: p.render_label(rma))
-    under_lock(lambda: p.receive(receipt_for(rma, [{"sku": "PV-SPF50-91", "unopened": 2}], LATER.isoformat()), LATER))
+    under_lock(lambda: receive(p, receipt_for(rma, [{"sku": "PV-SPF50-91", "unopened": 2}], LATER.isoformat()), LATER))
     assert under_lock(lambda: p.claim(rma, LATER, Actor("api"))) is True
     plan = under_lock(lambda: p.plan_refund(rma))
     refs = under_lock(lambda: p.pay(plan))  # the gateway's own transaction is locked out too: nothing paid
     assert one(p, GatewaySettlement) == 2
-    under_lock(lambda: p.complete(rma, plan, refs, LATER, Actor("api")))
+    under_lock(lambda: p.complete(refs, LATER, Actor("api")))
     under_lock(lambda: p.relay(LATER))
     assert state_of(p, rma) == "completed" and one(p, Refund) == 1 and one(p, GatewaySettlement) == 2
     assert_accounted_for(p)
@@ -315,11 +314,11 @@ def test_sqlite_locked_between_pay_and_complete_then_finished_by_the_sweep(tmp_p
     plan = p.plan_refund(rma)
     refs = p.pay(plan)
     with Locked(path), pytest.raises(TransientError):
-        p.complete(rma, plan, refs, LATER, Actor("api"))
+        p.complete(refs, LATER, Actor("api"))
     assert state_of(p, rma) == "processing" and one(p, Refund) == 0 and one(p, GatewaySettlement) == 2
     assert_accounted_for(p)
-    done = p.sweep(AFTER_LEASE)
-    assert done["processed"] == [rma]
+    done = sweep(p, AFTER_LEASE)
+    assert done.processed == [rma]
     p.relay(AFTER_LEASE)
     assert one(p, GatewaySettlement) == 2 and one(p, Refund) == 1
     settled(p, p.settings.home / "mail")
@@ -397,11 +396,11 @@ def test_postgres_backend_terminated_inside_the_completing_transaction(tmp_path:
     plan = p.plan_refund(rma)
     refs = p.pay(plan)
     with pytest.raises(TransientError):
-        p.complete(rma, plan, refs, LATER, Actor("api"))
+        p.complete(refs, LATER, Actor("api"))
     assert state_of(p, rma) == "processing" and one(p, Refund) == 0
     assert_accounted_for(p)
-    out = p.finish(rma, LATER, Actor("api"))  # what the Prefect retry of pay-refund / complete-return does
-    assert out["state"] == "completed"
+    out = finish(p, rma, LATER, Actor("api"))  # what the Prefect retry of pay-refund / complete-return does
+    assert out.state == "completed"
     p.relay(LATER)
     assert one(p, GatewaySettlement) == 2 and one(p, Refund) == 1
     settled(p, p.settings.home / "mail")
@@ -437,9 +436,9 @@ def test_gateway_timeout_after_paying_is_retried_without_paying_again(tmp_path: 
     assert state_of(p, rma) == "processing" and one(p, GatewaySettlement) == 1 and one(p, Refund) == 0
     assert_accounted_for(p)
     if retry == "task-retry":
-        p.finish(rma, LATER, Actor("operator:dock"))  # what Prefect's retry of the task re-runs
+        finish(p, rma, LATER, Actor("operator:dock"))  # what Prefect's retry of the task re-runs
     else:
-        assert p.sweep(AFTER_LEASE)["processed"] == [rma]
+        assert sweep(p, AFTER_LEASE).processed == [rma]
     p.relay(AFTER_LEASE)
     assert gateway.calls == 3  # the lost one asked again (answered from the ledger), the second payment once
     with unit_of_work(p.engine) as s:
@@ -463,9 +462,8 @@ class RefusesFor:
         return self.inner.refund(key=key, payment_id=payment_id, amount_cents=amount_cents)
 
 
-@pytest.mark.parametrize("path", ["pipeline-sweep", "sweep-task"])
-def test_gateway_refusing_for_good_parks_the_return_in_review_and_the_sweep_goes_on(
-        tmp_path: Path, db_url: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gateway_refusing_for_good_parks_the_return_in_review_and_the_sweep_goes_on(tmp_path: Path,
+                                                                                    db_url: str) -> None:
     """One return whose refund the gateway refuses must not stop the sweep (the others stuck behind it, the missing
     labels) nor come back failing every hour: it is parked in review, Customer Care is told why, and an operator's
     authorize pays it once the card is fixed."""
@@ -477,16 +475,9 @@ def test_gateway_refusing_for_good_parks_the_return_in_review_and_the_sweep_goes
         run_op(p, {"op": "receive", "rma": rma, "lines": lines, "now": LATER.isoformat(), "process": False})
     real = p.gateway
     p.gateway = RefusesFor(real, a)  # type: ignore[arg-type]
-    if path == "pipeline-sweep":
-        done = p.sweep(AFTER_LEASE)
-        assert done["processed"] == [b] and done["labels"] == [c]
-    else:  # the deadline-sweep flow's task, run as plain Python (its engine adds retries, not behaviour)
-        import tasks.returns as tr
-
-        monkeypatch.setattr(tr, "pipeline", lambda: p)
-        monkeypatch.setattr(tr, "now", lambda: AFTER_LEASE)
-        assert tr.redrive_stuck.fn(sorted([a, b]), AFTER_LEASE) == [b]
-        assert tr.render_missing_labels.fn() == [c]
+    # The sweep stage is the same code under the flow (its tasks add retries and visibility, not behaviour).
+    done = sweep(p, AFTER_LEASE)
+    assert done.processed == [b] and done.labels == [c]
     assert p.gateway.refused == 1  # type: ignore[attr-defined]
     assert state_of(p, a) == "review" and state_of(p, b) == "completed"
     care = [m for m in outbox(p) if m.kind == "review_needed"]
@@ -495,12 +486,12 @@ def test_gateway_refusing_for_good_parks_the_return_in_review_and_the_sweep_goes
     p.relay(AFTER_LEASE)
     assert_accounted_for(p)
     TALLY["scenarios parked visibly"] += 1
-    assert p.sweep(AFTER_LEASE + timedelta(hours=1))["processed"] == []  # parked: no longer re-driven every hour
+    assert sweep(p, AFTER_LEASE + timedelta(hours=1)).processed == []  # parked: no longer re-driven every hour
     # the card is fixed; the operator authorizes the refund again
     p.gateway = real
-    assert p.review(a, True, "customer updated the card", "ops", AFTER_LEASE + timedelta(hours=2))["state"] == \
+    assert review(p, a, True, "customer updated the card", "ops", AFTER_LEASE + timedelta(hours=2)).state == \
         "processing"
-    assert p.finish(a, AFTER_LEASE + timedelta(hours=2), Actor("operator:ops"))["state"] == "completed"
+    assert finish(p, a, AFTER_LEASE + timedelta(hours=2), Actor("operator:ops")).state == "completed"
     p.relay(AFTER_LEASE + timedelta(hours=2))
     assert one(p, GatewaySettlement) == 2 and one(p, Refund) == 2
     settled(p, p.settings.home / "mail")
@@ -536,19 +527,19 @@ def test_a_return_parked_after_a_partial_payout_still_holds_that_payments_room(t
     for sku in ("VC-SERUM-30", "CL-FACIAL-CLN"):
         req = {"order_number": "IS-9001", "email": email, "reason": "unwanted",
                "lines": [{"sku": sku, "quantity": 1, "unopened": True}]}
-        rmas[sku] = p.request(parse(ReturnRequestIn, req), NOW, Actor("api"))["rma_number"]
+        rmas[sku] = p.request(parse(ReturnRequestIn, req), NOW, Actor("api")).rma_number
         p.render_label(rmas[sku])
-        p.receive(parse(ReceiptIn, {"rma": rmas[sku], "received_at": LATER.isoformat(),
+        receive(p, parse(ReceiptIn, {"rma": rmas[sku], "received_at": LATER.isoformat(),
                                     "lines": [{"sku": sku, "unopened": 1}]}), LATER)
     a, b = rmas["VC-SERUM-30"], rmas["CL-FACIAL-CLN"]
     with unit_of_work(p.engine) as s:
         visa = s.scalars(select(Payment.id).where(Payment.order_number == "IS-9001", Payment.method == "visa")).one()
     real = p.gateway
     p.gateway = RefusesOnePayment(real, a, visa)  # type: ignore[arg-type]
-    assert p.redrive(a, LATER, Actor("sweep")) is False  # paid $50 to paypal, refused $10 on visa: parked
+    assert redrive(p, a, LATER) is False  # paid $50 to paypal, refused $10 on visa: parked
     assert state_of(p, a) == "review"
     p.gateway = real
-    assert p.process(b, LATER, Actor("api")) is not None  # b must not touch paypal's room, which a used up
+    assert process(p, b, LATER, Actor("api")) is not None  # b must not touch paypal's room, which a used up
     with unit_of_work(p.engine) as s:
         paid = dict(s.execute(select(GatewaySettlement.payment_id, func.sum(GatewaySettlement.amount_cents))
                               .group_by(GatewaySettlement.payment_id)).all())
@@ -556,8 +547,8 @@ def test_a_return_parked_after_a_partial_payout_still_holds_that_payments_room(t
                                   .where(Payment.order_number == "IS-9001")).all())
     assert all(paid[pid] <= captured[pid] for pid in paid), (paid, captured)
     # the operator settles a; it is paid the rest, exactly once per key
-    assert p.review(a, True, "card fixed", "ops", LATER)["state"] == "processing"
-    assert p.finish(a, LATER, Actor("operator:ops"))["state"] == "completed"
+    assert review(p, a, True, "card fixed", "ops", LATER).state == "processing"
+    assert finish(p, a, LATER, Actor("operator:ops")).state == "completed"
     p.relay(LATER)
     settled(p, p.settings.home / "mail")
 

@@ -18,7 +18,6 @@ from uuid import UUID
 
 import pytest
 from sqlalchemy import func, select
-from sqlmodel import SQLModel
 
 import adapters.config
 import models.tables  # noqa: F401  (registers every table on the metadata)
@@ -30,7 +29,9 @@ from flows import returns as f
 from models.errors import PermanentError, TransientError
 from models.schemas import ImportIn, parse
 from models.tables import GatewaySettlement, OutboxMessage, Payment, Refund, Return, Transition
+from service.results import Decided
 from service.steps import Pipeline
+from tests.helpers import row_counts
 
 pytestmark = pytest.mark.prefect
 
@@ -98,12 +99,6 @@ def run(flow: Any, **params: Any) -> tuple[Any, UUID]:
 
 def receive(rma: str, lines: list[dict[str, Any]]) -> tuple[Any, UUID]:
     return run(f.record_receipt, rma=rma, received_at=datetime.now(UTC), lines=lines, by="lantana-dock")
-
-
-def row_counts(p: Pipeline) -> dict[str, int]:
-    with unit_of_work(p.engine) as s:
-        return {t.name: int(s.execute(select(func.count()).select_from(t)).scalar_one())
-                for t in SQLModel.metadata.sorted_tables}
 
 
 def count(p: Pipeline, table: Any) -> int:
@@ -340,11 +335,11 @@ def test_the_sweep_expires_an_rma_nobody_shipped(shop: Pipeline) -> None:
     asked = datetime.now(UTC)
     rma = run(f.request_return, **request("IS-1008"))[0].result()["rma_number"]
     early = run(f.deadline_sweep, as_of=asked + timedelta(days=29))[0].result()
-    assert early["expired"] == [] and early["board"]["counts"] == {"authorized": 1}
+    assert early["expired"] == [] and shop.board(asked + timedelta(days=29)).counts == {"authorized": 1}
     state, run_id = run(f.deadline_sweep, as_of=asked + timedelta(days=31))
     swept = state.result()
     assert swept["expired"] == [rma]
-    assert swept["board"]["counts"] == {"expired": 1}
+    assert shop.board(asked + timedelta(days=31)).counts == {"expired": 1}
     assert flow_run(run_id).name == "sweep"
     assert audit(shop, rma)[-1][:3] == ("authorized", "expired", "sweep")
     assert [k for k, status, _ in outbox(shop, rma)] == ["rma_issued", "expired"]
@@ -367,7 +362,7 @@ def test_the_sweep_escalates_a_return_in_review_once_due_soon_and_once_overdue(s
 
     soon = run(f.deadline_sweep, as_of=received_at + DUE_SOON_AFTER_RECEIPT)[0].result()
     assert (soon["due_soon"], soon["overdue"]) == ([rma], [])
-    assert soon["board"]["due_soon"] == [rma]
+    assert shop.board(received_at + DUE_SOON_AFTER_RECEIPT).due_soon == [rma]
     assert run(f.deadline_sweep, as_of=received_at + DUE_SOON_AFTER_RECEIPT)[0].result()["due_soon"] == []
     late = run(f.deadline_sweep, as_of=deadline + timedelta(hours=1))[0].result()
     assert (late["due_soon"], late["overdue"]) == ([], [rma])
@@ -385,7 +380,7 @@ def test_the_sweep_escalates_a_return_in_review_once_due_soon_and_once_overdue(s
 def test_a_review_before_receipt_authorized_issues_the_rma_and_label(shop: Pipeline) -> None:
     rma = run(f.request_return, **request("IS-1006"))[0].result()["rma_number"]
     state, run_id = run(f.settle_review, rma=rma, authorize=True, note="lot expiry checked", by="alice")
-    assert state.result() == {"rma_number": rma, "state": "authorized"}
+    assert state.result() == {"rma_number": rma, "state": "authorized", "deadline": None}
     assert flow_run(run_id).name == f"review-{rma}"
     assert label_path(shop.settings.label_dir, rma).exists()
     assert [k for k, *_ in outbox(shop, rma)] == ["review_needed", "rma_issued"]
@@ -475,9 +470,9 @@ def test_a_request_whose_commit_reply_is_lost_twice_is_retried_into_one_return(
     real = Pipeline.request
     calls: list[str] = []
 
-    def commits_then_times_out(self: Pipeline, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def commits_then_times_out(self: Pipeline, *args: Any, **kwargs: Any) -> Decided:
         out = real(self, *args, **kwargs)  # the transaction committed ...
-        calls.append(out["state"])
+        calls.append(out.state)
         if len(calls) <= 2:  # ... and the connection dropped before the caller heard so
             raise TransientError("database connection lost")
         return out

@@ -15,12 +15,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import make_pipeline
+from helpers import API, NOW, cancel, process, receive, review
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from invariants import check_invariants
@@ -37,9 +38,7 @@ from service.steps import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
 LATER = NOW + timedelta(days=2)
-API = Actor("api")
 REQUESTS = {s["request"]["order_number"]: s["request"]
             for s in json.loads((SAMPLE / "requests.json").read_text("utf-8"))}
 TEN_MB = "x" * (10 * 1024 * 1024)
@@ -82,13 +81,13 @@ def build_world(root: Path, url: str | None = None) -> World:
     a = p.request(parse(ReturnRequestIn, REQUESTS["IS-1001"]), NOW, API)
     b = p.request(parse(ReturnRequestIn, REQUESTS["IS-1004"]), NOW, API)
     for out in (a, b):
-        p.render_label(out["rma_number"])
-    p.receive(parse(ReceiptIn, {"rma": b["rma_number"], "received_at": LATER.isoformat(), "by": "dock",
+        p.render_label(out.rma_number)
+    receive(p, parse(ReceiptIn, {"rma": b.rma_number, "received_at": LATER.isoformat(), "by": "dock",
                                 "lines": [{"sku": "IL-FIRM-MASK", "damaged": 1}]}), LATER)
-    p.process(b["rma_number"], LATER, API)
+    process(p, b.rma_number, LATER, API)
     p.relay(LATER)
     assert list((home / "labels").glob("*.pdf")) and list((home / "mail").glob("*.eml"))
-    return World(p, home, a["rma_number"], b["rma_number"])
+    return World(p, home, a.rma_number, b.rma_number)
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +114,12 @@ def run_op(w: World, kind: str, payload: Any) -> str | None:
         "request": lambda: p.request(parse(ReturnRequestIn, payload), LATER, API),
         "quote": lambda: p.quote(parse(ReturnRequestIn, payload), LATER),
         "import": lambda: p.import_data(parse(ImportIn, payload)),
-        "receipt": lambda: p.receive(parse(ReceiptIn, payload), LATER),
+        "receipt": lambda: receive(p, parse(ReceiptIn, payload), LATER),
         "show": lambda: p.show(payload, LATER),
-        "process": lambda: p.process(payload, LATER, API),
-        "cancel": lambda: p.cancel(payload, "hostile", "alice", LATER),
-        "review": lambda: p.review(payload, True, "hostile", "alice", LATER),
-        "expire": lambda: p.expire(payload, LATER),
+        "process": lambda: process(p, payload, LATER, API),
+        "cancel": lambda: cancel(p, payload, "hostile", "alice", LATER),
+        "review": lambda: review(p, payload, True, "hostile", "alice", LATER),
+        "expire": lambda: p.expire(payload, LATER, LATER, Actor("sweep")),
     }
     INPUTS[f"in-process {kind}"] += 1
     try:
@@ -129,7 +128,7 @@ def run_op(w: World, kind: str, payload: Any) -> str | None:
         return one_line(explain(exc))
     except ReturnsError as exc:
         return one_line(str(exc))
-    if kind == "import" and not any(out.values()):
+    if kind == "import" and not any(out.as_dict().values()):
         return None
     if kind == "expire" and out is False:
         return None
@@ -375,8 +374,8 @@ def test_sql_and_html_in_names_are_data(tmp_path: Path) -> None:
     INPUTS["in-process import (well-formed hostile)"] += 1
     out = w.p.request(parse(ReturnRequestIn, {"order_number": "H-1", "email": "hal@example.com", "reason": "unwanted",
                                               "lines": [{"sku": "H-1", "quantity": 1}]}), NOW + timedelta(days=1), API)
-    assert out["state"] == "authorized"
-    w.p.render_label(out["rma_number"])
+    assert out.state == "authorized"
+    w.p.render_label(out.rma_number)
     w.p.relay(NOW + timedelta(days=1))
     from models.tables import Customer, Product
 
@@ -386,7 +385,7 @@ def test_sql_and_html_in_names_are_data(tmp_path: Path) -> None:
     from email import message_from_bytes, policy
 
     issued = [message_from_bytes(f.read_bytes(), policy=policy.default) for f in (w.home / "mail").glob("*.eml")]
-    ours = [m for m in issued if out["rma_number"] in str(m["Subject"])]
+    ours = [m for m in issued if out.rma_number in str(m["Subject"])]
     assert ours, "the RMA email was sent"
     html = ours[0].get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "<script>" not in html and "<b>Bold</b>" not in html and "&lt;b&gt;Bold&lt;/b&gt;" in html
@@ -454,9 +453,3 @@ def test_cli_refuses_generated_hostile_requests(world: World, data: st.DataObjec
     body = data.draw(hostile(valid_request()))
     text = body if isinstance(body, str) else json.dumps(body, allow_nan=True)
     cli_refuses(world, ["request", "-"], text.encode("utf-8", "surrogatepass"))
-
-
-def test_zz_report_counts() -> None:
-    """What this module threw (run with -s); the numbers go into docs/reliability-race-hostile.md."""
-    print("\nhostile counts:", dict(sorted(INPUTS.items())), "total inputs:",
-          sum(v for k, v in INPUTS.items() if k.startswith(("in-process", "cli"))))

@@ -31,8 +31,10 @@ from adapters.mail.transport import (
     transport_from_settings,
 )
 from models.errors import PermanentError, TransientError
-from service.outbox import CUSTOMER_KINDS, KINDS, message_id_for
-from tests.smtp_server import Inbox, free_port
+from models.notices import CUSTOMER_KINDS, MessageKind
+from service.outbox import message_id_for
+from tests.helpers import free_port
+from tests.smtp_server import Inbox
 
 # A shop whose contact details differ from the published ones: proves templates take them from config (P9).
 SHOP = Shop(
@@ -44,7 +46,7 @@ SHOP = Shop(
 )
 RMA = "RMA-7K2QMXP"
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
-NOW = dt.datetime(2026, 11, 26, 15, 0, tzinfo=dt.UTC)
+AT = dt.datetime(2026, 11, 26, 15, 0, tzinfo=dt.UTC)  # when these messages go out
 
 CUSTOMER = {"customer_name": "Dana Whitfield", "order_number": "IS-100234", "account": "ACC-5521", "rma": RMA,
             "return_id": 17}
@@ -144,7 +146,7 @@ def build(kind: str, home: Path, context: dict[str, Any] | None = None, recipien
           key: str | None = None) -> EmailMessage:
     return render(kind, copy.deepcopy(SAMPLES[kind]) if context is None else context, recipient=recipient,
                   message_id=message_id_for(key or f"17:{kind}", SHOP.message_id_domain), shop=SHOP, home=home,
-                  date=NOW)
+                  date=AT)
 
 
 def parts(msg: EmailMessage) -> tuple[str, str]:
@@ -164,8 +166,8 @@ def reparse(msg: EmailMessage) -> EmailMessage:
 
 
 def test_every_kind_has_text_html_and_subject_templates() -> None:
-    assert set(SAMPLES) == set(KINDS)
-    for kind in KINDS:
+    assert set(SAMPLES) == set(MessageKind)
+    for kind in MessageKind:
         for suffix in ("html.j2", "txt.j2", "subject.j2"):
             assert (templates.TEMPLATES / f"{kind}.{suffix}").is_file(), f"{kind}.{suffix}"
 
@@ -177,14 +179,14 @@ def test_one_strict_autoescaping_environment() -> None:
     assert templates.ENV.autoescape("rma_issued.subject.j2") is False  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(MessageKind))
 def test_each_kind_is_text_then_html_with_headers_and_care_contact(kind: str, home: Path) -> None:
     msg = reparse(build(kind, home))
     assert msg["Subject"] == SUBJECTS[kind]
     assert msg["To"] == "dana@example.com"
     assert msg["From"] == SHOP.mail_from
     assert msg["Message-ID"] == message_id_for(f"17:{kind}", SHOP.message_id_domain)
-    assert msg["Date"].datetime == NOW
+    assert msg["Date"].datetime == AT
     alternative = next(p for p in msg.walk() if p.get_content_type() == "multipart/alternative")
     assert [p.get_content_type() for p in alternative.iter_parts()] == ["text/plain", "text/html"]
     text, html = parts(msg)
@@ -304,7 +306,7 @@ def _poison(value: Any, marker: str) -> Any:
     return value
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(MessageKind))
 def test_every_free_text_field_is_escaped_in_html(kind: str, home: Path) -> None:
     marker = '<i class="x">O\'Neil & co</i>'
     context = _poison(copy.deepcopy(SAMPLES[kind]), marker)

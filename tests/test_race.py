@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import make_pipeline
+from helpers import NOW, process, receive, sweep
 from invariants import check_invariants
 from sqlalchemy import func, select
 
@@ -34,7 +34,6 @@ from service.steps import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "race_driver.py"
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
 RECEIVED_AT = NOW + timedelta(days=3)
 PROCESS_AT = RECEIVED_AT + timedelta(hours=1)
 LEASE = timedelta(minutes=15)  # DEFAULT_POLICY.processing_lease_minutes
@@ -99,13 +98,13 @@ def received_returns(p: Pipeline) -> list[str]:
     rmas = []
     for n, order in enumerate(orders):
         out = p.request(ask(order, f"race-{n}"), NOW, Actor("api"))
-        assert out["state"] == "authorized", out
-        p.render_label(out["rma_number"])
-        rmas.append(out["rma_number"])
+        assert out.state == "authorized", out
+        p.render_label(out.rma_number)
+        rmas.append(out.rma_number)
     for rma in rmas:
         receipt = parse(ReceiptIn, {"rma": rma, "received_at": RECEIVED_AT.isoformat(), "by": "dock",
                                     "lines": [{"sku": "RACE-SERUM", "unopened": 1}]})
-        assert p.receive(receipt, RECEIVED_AT + timedelta(minutes=1))["state"] == "received"
+        assert receive(p, receipt, RECEIVED_AT + timedelta(minutes=1)).state == "received"
     assert len(rmas) == SINGLE + 2 * SHARED == 20
     return rmas
 
@@ -131,7 +130,7 @@ def run_threads(jobs: list[Callable[[], None]]) -> None:
 
 def drive_to_rest(p: Pipeline) -> None:
     """A sweep far in the future finishes anything left, then the relay delivers every email."""
-    p.sweep(FAR)
+    sweep(p, FAR)
     for _ in range(20):
         p.relay(FAR)
         if p.outbox_counts()["pending"] == 0:
@@ -189,7 +188,7 @@ def test_threads_process_and_sweep_the_same_returns(tmp_path: Path, db_url: str)
             random.Random(i).shuffle(order)
             for rma in order:
                 try:
-                    done = p.process(rma, PROCESS_AT, Actor(f"worker-{i}"))
+                    done = process(p, rma, PROCESS_AT, Actor(f"worker-{i}"))
                     with lock:
                         outcomes["completed" if done else "not ours"] += 1
                 except StaleState:
@@ -202,9 +201,9 @@ def test_threads_process_and_sweep_the_same_returns(tmp_path: Path, db_url: str)
     def sweeper(i: int) -> Callable[[], None]:
         def job() -> None:
             try:
-                done = p.sweep(SWEEP_AS_OF, Actor(f"sweep-{i}"))
+                done = sweep(p, SWEEP_AS_OF)
                 with lock:
-                    outcomes["completed"] += len(done["processed"])
+                    outcomes["completed"] += len(done.processed)
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"sweep-{i}: {type(exc).__name__}: {exc}")
         return job
@@ -289,7 +288,7 @@ def test_concurrent_requests_for_the_last_unit_one_wins(tmp_path: Path, db_url: 
         run_threads([contender(k) for k in range(contenders)])
         RACE_COUNTS["concurrent requests for one unit"] += contenders
         assert not errors, errors
-        assert len(wins) == 1 and wins[0]["state"] == "authorized", (wins, refusals)
+        assert len(wins) == 1 and wins[0].state == "authorized", (wins, refusals)
         assert len(refusals) == contenders - 1
         assert all("(R11)" in r and "0 left" in r for r in refusals), refusals
         RACE_COUNTS["invariant checks"] += check_invariants(p)
@@ -313,7 +312,7 @@ def test_concurrent_retries_with_one_idempotency_key_make_one_return(tmp_path: P
         run_threads([retry] * 4)
         RACE_COUNTS["concurrent retries of one key"] += 4
         assert not errors, errors
-        assert len({o["return_id"] for o in outs}) == 1 and sorted(o["replayed"] for o in outs) == [False] + [True] * 3
+        assert len({o.return_id for o in outs}) == 1 and sorted(o.replayed for o in outs) == [False] + [True] * 3
         RACE_COUNTS["invariant checks"] += check_invariants(p)
 
 
@@ -331,9 +330,3 @@ def test_processes_request_the_last_unit_one_wins(tmp_path: Path, db_url: str) -
     assert len(wins) == 1 and wins[0]["state"] == "authorized", reports
     assert len(refusals) == 3 and all(r.startswith("InvalidInput") and "(R11)" in r for r in refusals), refusals
     RACE_COUNTS["invariant checks"] += check_invariants(p)
-
-
-def test_zz_report_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    """Print what the races tried (run with -s to see it); the numbers go into docs/reliability-race-hostile.md."""
-    with capsys.disabled():
-        print("\nrace counts:", dict(RACE_COUNTS))

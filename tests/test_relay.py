@@ -24,13 +24,15 @@ from sqlalchemy import Engine, create_engine, select, text, update
 from adapters.config import Settings, Shop
 from adapters.db import engine_for, make_engine, unit_of_work, upgrade
 from adapters.mail.transport import FileTransport, SmtpTransport, Transport, eml_name, transport_from_settings
+from models.notices import CARE_KINDS, MessageKind
 from models.tables import OutboxMessage
-from service.outbox import CARE_KINDS, KINDS, enqueue
+from service.outbox import enqueue
 from service.relay import BACKOFF_CAP, LEASE, RelayReport, backoff, relay
-from tests.smtp_server import Inbox, SmtpServer, free_port
+from tests.helpers import free_port
+from tests.smtp_server import Inbox, SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = dt.datetime(2026, 11, 26, 15, 0, tzinfo=dt.UTC)
+AT = dt.datetime(2026, 11, 26, 15, 0, tzinfo=dt.UTC)  # when these messages go out
 RMA = "RMA-7K2QMXP"
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 CUSTOMER_EMAIL = "dana.whitfield@example.com"
@@ -120,7 +122,7 @@ def settings_for(home: Path, url: str, smtp_url: str | None) -> Settings:
 
 
 def add(engine: Engine, kind: str, *, key: str | None = None, recipient: str | None = None,
-        context: dict[str, Any] | None = None, now: dt.datetime = NOW) -> OutboxMessage:
+        context: dict[str, Any] | None = None, now: dt.datetime = AT) -> OutboxMessage:
     with unit_of_work(engine) as session:
         return enqueue(session, key=key or f"t:{kind}", kind=kind,
                        recipient=recipient or (CARE_EMAIL if kind in CARE_KINDS else CUSTOMER_EMAIL),
@@ -150,14 +152,14 @@ def assert_no_addresses(report: RelayReport) -> None:
 
 def test_relay_delivers_every_kind_over_smtp(db: tuple[Engine, str], home: Path, server: Server) -> None:
     engine, url = db
-    rows = {kind: add(engine, kind) for kind in sorted(KINDS)}
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    rows = {kind: add(engine, kind) for kind in sorted(MessageKind)}
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
 
-    assert [r["kind"] for r in report.sent] == sorted(KINDS)  # id order = insertion order here
+    assert [r["kind"] for r in report.sent] == sorted(MessageKind)  # id order = insertion order here
     assert report.failed == [] and report.deferred == [] and report.halted is None
     assert_no_addresses(report)
     arrived = {str(msg["Message-ID"]): (rcpts, msg) for rcpts, msg in server.inbox.received()}
-    assert len(arrived) == len(KINDS) == len(server.inbox.messages)
+    assert len(arrived) == len(MessageKind) == len(server.inbox.messages)
     for kind, r in rows.items():
         rcpts, msg = arrived[r.message_id]
         expected = CARE_EMAIL if kind in CARE_KINDS else CUSTOMER_EMAIL
@@ -175,17 +177,17 @@ def test_relay_delivers_every_kind_over_smtp(db: tuple[Engine, str], home: Path,
         else:
             assert attachments == []
         stored = row(engine, r.id)
-        assert (stored.status, stored.attempts, stored.sent_at, stored.last_error) == ("sent", 1, NOW, None)
+        assert (stored.status, stored.attempts, stored.sent_at, stored.last_error) == ("sent", 1, AT, None)
 
-    again = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    again = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert again == RelayReport()  # nothing left to send
-    assert len(server.inbox.messages) == len(KINDS)
+    assert len(server.inbox.messages) == len(MessageKind)
 
 
 def test_xss_name_arrives_escaped_in_the_html_part(db: tuple[Engine, str], home: Path, server: Server) -> None:
     engine, url = db
     add(engine, "expired", context=CONTEXTS["expired"] | {"customer_name": "<img src=x onerror=alert(1)>"})
-    relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     [(_, msg)] = server.inbox.received()
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "<img" not in html and "Hi &lt;img src=x onerror=alert(1)&gt;," in html
@@ -198,7 +200,7 @@ def test_header_injection_in_the_context_adds_no_recipient(db: tuple[Engine, str
     evil = "Eve\r\nBcc: attacker@evil.example\r\n"
     add(engine, "declined", context=CONTEXTS["declined"] | {"customer_name": evil,
                                                              "order_number": "IS-1\r\nBcc: attacker@evil.example"})
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert len(report.sent) == 1
     [(rcpts, msg)] = server.inbox.received()
     assert rcpts == [CUSTOMER_EMAIL]
@@ -210,7 +212,7 @@ def test_injected_recipient_fails_the_row_and_sends_nothing(db: tuple[Engine, st
                                                             server: Server) -> None:
     engine, url = db
     r = add(engine, "expired", recipient=f"{CUSTOMER_EMAIL}\r\nBcc: attacker@evil.example")
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert [f["id"] for f in report.failed] == [r.id] and "InvalidRecipient" in report.failed[0]["error"]
     assert server.inbox.messages == []
     assert row(engine, r.id).status == "failed"
@@ -223,7 +225,7 @@ def test_missing_template_variable_fails_the_row_and_sends_nothing(db: tuple[Eng
     del context["valid_until"]
     bad = add(engine, "rma_issued", context=context)
     good = add(engine, "expired")
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert [f["id"] for f in report.failed] == [bad.id]
     assert "valid_until" in report.failed[0]["error"]
     assert [s["id"] for s in report.sent] == [good.id]
@@ -237,23 +239,24 @@ def test_missing_label_waits_for_the_label_then_sends(db: tuple[Engine, str], ho
     label = home / "labels" / f"{RMA}.pdf"
     label.unlink()  # the label is written after the commit that queued the email: a relay can get there first
     r = add(engine, "rma_issued")
+    other = add(engine, "expired")
     settings = settings_for(home, url, server.url)
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings, now=NOW)
-    assert [d["id"] for d in report.deferred] == [r.id] and "AttachmentMissing" in report.deferred[0]["error"]
-    assert report.halted is None and server.inbox.messages == []
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings, now=AT)
+    # The waiting row is not picked up (no attempt spent, no backoff); the row behind it goes out.
+    assert [s["id"] for s in report.sent] == [other.id] and not report.deferred and not report.failed
     stored = row(engine, r.id)
-    assert stored.status == "pending" and stored.next_attempt_at > NOW
+    assert stored.status == "pending" and stored.attempts == 0
 
     label.write_bytes(PDF)
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings, now=stored.next_attempt_at)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings, now=AT)
     assert [s["id"] for s in report.sent] == [r.id]
-    assert server.inbox.message_ids() == [r.message_id]
+    assert server.inbox.message_ids() == [other.message_id, r.message_id]
 
 
 def test_label_outside_home_fails_the_row(db: tuple[Engine, str], home: Path, server: Server) -> None:
     engine, url = db
     r = add(engine, "rma_issued", context=CONTEXTS["rma_issued"] | {"label_file": "../../etc/passwd"})
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert [f["id"] for f in report.failed] == [r.id] and "outside RETURNS_HOME" in report.failed[0]["error"]
     assert server.inbox.messages == []
 
@@ -261,7 +264,7 @@ def test_label_outside_home_fails_the_row(db: tuple[Engine, str], home: Path, se
 def test_rejected_recipient_fails_the_row_visibly(db: tuple[Engine, str], home: Path, server: Server) -> None:
     engine, url = db
     r = add(engine, "expired", recipient="rejected.customer@example.com")
-    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=NOW)
+    report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert [f["id"] for f in report.failed] == [r.id]
     assert "550" in report.failed[0]["error"]
     assert_no_addresses(report)  # the server's reply quoted the address; the report does not
@@ -275,18 +278,18 @@ def test_smtp_down_defers_then_delivers_when_it_is_back(db: tuple[Engine, str], 
     srv = Server(free_port())  # nothing listening yet
     first, second = add(engine, "expired"), add(engine, "received")
     transport = SmtpTransport.from_url(srv.url)
-    report = relay(engine, transport, settings=settings_for(home, url, srv.url), now=NOW)
+    report = relay(engine, transport, settings=settings_for(home, url, srv.url), now=AT)
     assert report.sent == [] and report.failed == []
     assert [d["id"] for d in report.deferred] == [first.id]
     assert report.halted is not None and "unreachable" in report.halted  # the second row was not even tried
     one, two = row(engine, first.id), row(engine, second.id)
     assert (one.status, one.attempts) == ("pending", 1)
-    assert one.next_attempt_at > NOW and one.last_error and "unreachable" in one.last_error
-    assert (two.status, two.attempts, two.next_attempt_at) == ("pending", 0, NOW)
+    assert one.next_attempt_at > AT and one.last_error and "unreachable" in one.last_error
+    assert (two.status, two.attempts, two.next_attempt_at) == ("pending", 0, AT)
 
     srv.start()
     try:
-        early = relay(engine, transport, settings=settings_for(home, url, srv.url), now=NOW + dt.timedelta(seconds=1))
+        early = relay(engine, transport, settings=settings_for(home, url, srv.url), now=AT + dt.timedelta(seconds=1))
         assert [s["id"] for s in early.sent] == [second.id]  # the first waits for its backoff
         later = relay(engine, transport, settings=settings_for(home, url, srv.url), now=one.next_attempt_at)
         assert [s["id"] for s in later.sent] == [first.id]
@@ -300,7 +303,7 @@ def test_transient_refusals_back_off_then_fail_after_max_attempts(db: tuple[Engi
                                                                   server: Server) -> None:
     engine, url = db
     r = add(engine, "expired", recipient="later.customer@example.com")  # 451 every time
-    now, waits = NOW, []
+    now, waits = AT, []
     for attempt in range(1, 4):
         report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url),
                        now=now, max_attempts=3)
@@ -354,13 +357,13 @@ def test_killed_between_send_and_mark_resends_with_the_same_message_id(db: tuple
     r = add(engine, "rma_issued")
     smtp = SmtpTransport.from_url(server.url)
     with pytest.raises(Killed):
-        relay(engine, DieAfterSend(smtp), settings=settings, now=NOW)
+        relay(engine, DieAfterSend(smtp), settings=settings, now=AT)
     stored = row(engine, r.id)
     assert (stored.status, stored.attempts) == ("pending", 1)  # sent, but not marked
-    assert stored.next_attempt_at == NOW + LEASE
-    assert relay(engine, smtp, settings=settings, now=NOW) == RelayReport()  # leased: no concurrent double send
+    assert stored.next_attempt_at == AT + LEASE
+    assert relay(engine, smtp, settings=settings, now=AT) == RelayReport()  # leased: no concurrent double send
 
-    report = relay(engine, smtp, settings=settings, now=NOW + LEASE)
+    report = relay(engine, smtp, settings=settings, now=AT + LEASE)
     assert [s["id"] for s in report.sent] == [r.id]
     assert server.inbox.message_ids() == [r.message_id, r.message_id]  # at-least-once, same Message-ID
     stored = row(engine, r.id)
@@ -371,7 +374,7 @@ def test_repeated_crashes_end_failed_not_lost(db: tuple[Engine, str], home: Path
     engine, url = db
     settings = settings_for(home, url, server.url)
     r = add(engine, "expired")
-    now = NOW
+    now = AT
     for _ in range(3):
         with pytest.raises(Killed):
             relay(engine, DieAfterSend(SmtpTransport.from_url(server.url)), settings=settings, now=now,
@@ -409,7 +412,7 @@ def test_sigkill_between_send_and_mark(db: tuple[Engine, str], home: Path, serve
     engine, url = db
     r = add(engine, "processed")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, url, server.url, str(home), NOW.isoformat()],
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, url, server.url, str(home), AT.isoformat()],
                           cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert server.inbox.message_ids() == [r.message_id]
@@ -417,7 +420,7 @@ def test_sigkill_between_send_and_mark(db: tuple[Engine, str], home: Path, serve
     assert (stored.status, stored.attempts) == ("pending", 1)
 
     report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url),
-                   now=NOW + LEASE)
+                   now=AT + LEASE)
     assert [s["id"] for s in report.sent] == [r.id]
     assert server.inbox.message_ids() == [r.message_id, r.message_id]
     assert row(engine, r.id).status == "sent"
@@ -431,9 +434,9 @@ def test_relay_over_the_file_transport(db: tuple[Engine, str], home: Path) -> No
     settings = settings_for(home, url, None)
     transport = transport_from_settings(settings)
     assert transport == FileTransport(home / "mail")
-    rows = [add(engine, kind) for kind in sorted(KINDS)]
-    report = relay(engine, transport, settings=settings, now=NOW)
-    assert len(report.sent) == len(KINDS)
+    rows = [add(engine, kind) for kind in sorted(MessageKind)]
+    report = relay(engine, transport, settings=settings, now=AT)
+    assert len(report.sent) == len(MessageKind)
     files = sorted(p.name for p in (home / "mail").iterdir())
     assert files == sorted(eml_name(r.message_id) for r in rows)
     for r in rows:
@@ -444,9 +447,9 @@ def test_relay_over_the_file_transport(db: tuple[Engine, str], home: Path) -> No
 
     with unit_of_work(engine) as session:  # a resend (e.g. after a crash) lands in the same file
         session.exec(update(OutboxMessage).where(OutboxMessage.id == rows[0].id)
-                     .values(status="pending", next_attempt_at=NOW))
-    assert len(relay(engine, transport, settings=settings, now=NOW).sent) == 1
-    assert len(list((home / "mail").iterdir())) == len(KINDS)
+                     .values(status="pending", next_attempt_at=AT))
+    assert len(relay(engine, transport, settings=settings, now=AT).sent) == 1
+    assert len(list((home / "mail").iterdir())) == len(MessageKind)
 
 
 def test_limit_bounds_one_run(db: tuple[Engine, str], home: Path) -> None:
@@ -454,17 +457,17 @@ def test_limit_bounds_one_run(db: tuple[Engine, str], home: Path) -> None:
     for i in range(5):
         add(engine, "expired", key=f"t:{i}")
     settings = settings_for(home, url, None)
-    assert len(relay(engine, transport_from_settings(settings), settings=settings, now=NOW, limit=2).sent) == 2
-    assert len(relay(engine, transport_from_settings(settings), settings=settings, now=NOW).sent) == 3
+    assert len(relay(engine, transport_from_settings(settings), settings=settings, now=AT, limit=2).sent) == 2
+    assert len(relay(engine, transport_from_settings(settings), settings=settings, now=AT).sent) == 3
 
 
 def test_future_rows_wait(db: tuple[Engine, str], home: Path) -> None:
     engine, url = db
-    add(engine, "expired", now=NOW + dt.timedelta(minutes=1))
+    add(engine, "expired", now=AT + dt.timedelta(minutes=1))
     settings = settings_for(home, url, None)
-    assert relay(engine, transport_from_settings(settings), settings=settings, now=NOW) == RelayReport()
+    assert relay(engine, transport_from_settings(settings), settings=settings, now=AT) == RelayReport()
     with pytest.raises(ValueError):
-        relay(engine, transport_from_settings(settings), settings=settings, now=NOW.replace(tzinfo=None))
+        relay(engine, transport_from_settings(settings), settings=settings, now=AT.replace(tzinfo=None))
 
 
 # ---- concurrency: two relays never send the same row twice --------------------------------------------------
@@ -522,7 +525,7 @@ def _race(engine: Engine, url: str, home: Path, server: Server) -> None:
     def run(name: str) -> None:
         try:
             barrier.wait()
-            reports[name] = relay(engine, transport, settings=settings, now=NOW)
+            reports[name] = relay(engine, transport, settings=settings, now=AT)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 

@@ -11,12 +11,13 @@ import logging
 import os
 import string
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import make_pipeline
+from helpers import API, NOW, process, receive, sweep
 from invariants import check_invariants
 from sqlalchemy import event, select
 
@@ -25,14 +26,12 @@ from adapters.redact import RedactPersonalData, install_redaction, redact
 from models.errors import NotFound
 from models.schemas import ReceiptIn, ReturnRequestIn, parse
 from models.tables import Customer, OutboxMessage
-from service.returns import SAME_ANSWER_FOR_R13, Actor
+from service.returns import SAME_ANSWER_FOR_R13
 from service.steps import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")
 LATER = NOW + timedelta(days=3)
-API = Actor("api")
 REQUESTS = {s["request"]["order_number"]: s["request"]
             for s in json.loads((SAMPLE / "requests.json").read_text("utf-8"))}
 
@@ -99,12 +98,12 @@ def lived(sample_pipeline: Pipeline) -> Iterator[tuple[Pipeline, list[str]]]:
     rmas = []
     for order in ("IS-1001", "IS-1002", "IS-1003", "IS-1006", "IS-1011"):
         out = p.request(parse(ReturnRequestIn, REQUESTS[order]), NOW, API)
-        if out["rma_number"]:
-            rmas.append(out["rma_number"])
+        if out.rma_number:
+            rmas.append(out.rma_number)
     first = rmas[0]
-    p.receive(parse(ReceiptIn, {"rma": first, "received_at": LATER.isoformat(), "by": "dock",
+    receive(p, parse(ReceiptIn, {"rma": first, "received_at": LATER.isoformat(), "by": "dock",
                                 "lines": [{"sku": "VC-SERUM-30", "unopened": 1}]}), LATER)
-    assert p.process(first, LATER, API)
+    assert process(p, first, LATER, API)
     yield p, rmas
 
 
@@ -122,8 +121,8 @@ def test_artifacts_events_and_board_carry_ids_not_people(lived: tuple[Pipeline, 
         assert_no_personal_data(visibility.return_markdown(shown), personal, f"artifact of {rma}")
         visibility.publish_return(p, rma)
     board = p.board(LATER)
-    assert_no_personal_data(visibility.board_markdown(board), personal, "board")
-    visibility.publish_board(board)
+    assert_no_personal_data(visibility.board_markdown(board, p.policy), personal, "board")
+    visibility.publish_board(board, p.policy)
     assert sum("event" in x for x in sent) >= len(rmas) and sum("artifact" in x for x in sent) == len(rmas) + 1
     assert_no_personal_data(json.dumps(sent, default=str), personal, "what publish_* hands to Prefect")
 
@@ -159,12 +158,12 @@ def test_pipeline_logs_carry_no_personal_data(sample_pipeline: Pipeline, caplog:
     with caplog.at_level(logging.DEBUG):
         for order in ("IS-1001", "IS-1004", "IS-1006"):
             out = p.request(parse(ReturnRequestIn, REQUESTS[order]), NOW, API)
-            if out["state"] == "authorized":
-                p.render_label(out["rma_number"])
+            if out.state == "authorized":
+                p.render_label(out.rma_number)
         with pytest.raises(NotFound):
             p.request(parse(ReturnRequestIn, REQUESTS["IS-1001"] | {"email": "x@example.com"}), NOW, API)
         report = p.relay(LATER)
-        p.sweep(NOW + timedelta(days=40))
+        sweep(p, NOW + timedelta(days=40))
     assert_no_personal_data("\n".join(r.getMessage() for r in caplog.records), personal, "the logs")
     assert_no_personal_data(json.dumps(report, default=str), personal, "the relay report")
     check_invariants(p, mail_dir=p.settings.mail_dir)
@@ -281,14 +280,15 @@ def tree(root: Path) -> set[str]:
 def test_the_demo_sample_writes_only_under_returns_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from adapters.label.layout import label_path
-    from entrypoints.demo import InProcess, run_sample
+    from entrypoints.demo import run_sample
+    from entrypoints.verbs import Direct
 
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # anything written relative to the working directory would land here
     parent_before = tree(tmp_path.parent) - {p for p in tree(tmp_path.parent) if p.startswith(tmp_path.name)}
     p = make_pipeline(home, f"sqlite:///{home / 'returns.db'}")
-    final = run_sample(InProcess(p), p)
+    final = run_sample(Direct(p), p)
     capsys.readouterr()
 
     assert list(cwd.iterdir()) == [], "files written to the working directory"

@@ -11,10 +11,11 @@ import json
 import shutil
 import tempfile
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from helpers import NOW, cancel, finish, process, receive, review, sweep
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -32,7 +33,6 @@ from service.steps import Pipeline
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 SAMPLES: list[dict[str, Any]] = [s["request"] for s in json.loads((SAMPLE / "requests.json").read_text("utf-8"))]
-NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's "today"
 REST = timedelta(days=120)  # far enough for every RMA to expire and every lease to lapse
 
 # Derandomized and bounded for CI (~60 s on 2 cores); applied to this machine only, so other suites keep theirs.
@@ -106,8 +106,8 @@ class PipelineMachine(RuleBasedStateMachine):
             return int(s.scalar(select(func.count()).select_from(Return)) or 0)
 
     def label(self, out: dict[str, Any]) -> None:
-        if out["state"] == "authorized":
-            self.p.render_label(out["rma_number"])
+        if out.state == "authorized":
+            self.p.render_label(out.rma_number)
 
     def step(self, name: str) -> None:
         COUNTS["steps"] += 1
@@ -131,14 +131,14 @@ class PipelineMachine(RuleBasedStateMachine):
             COUNTS["requests refused (R11)"] += 1
             return
         if key is not None and (req.order_number, key) in self.keys:
-            assert out["replayed"] and out["return_id"] == self.keys[(req.order_number, key)]
+            assert out.replayed and out.return_id == self.keys[(req.order_number, key)]
             assert self.n_returns() == before
             COUNTS["idempotency keys replayed"] += 1
             return
-        assert not out["replayed"] and self.n_returns() == before + 1
+        assert not out.replayed and self.n_returns() == before + 1
         if key is not None:
-            self.keys[(req.order_number, key)] = out["return_id"]
-            self.sent.append((req, out["return_id"]))
+            self.keys[(req.order_number, key)] = out.return_id
+            self.sent.append((req, out.return_id))
         self.label(out)
 
     @precondition(lambda self: bool(self.sent))
@@ -149,7 +149,7 @@ class PipelineMachine(RuleBasedStateMachine):
         req, return_id = data.draw(st.sampled_from(self.sent))
         before = self.n_returns()
         out = self.p.request(req, self.now, Actor("api"))
-        assert out["replayed"] and out["return_id"] == return_id and self.n_returns() == before
+        assert out.replayed and out.return_id == return_id and self.n_returns() == before
 
     @precondition(lambda self: bool(self.rmas_in(State.AUTHORIZED)))
     @rule(data=st.data())
@@ -169,9 +169,9 @@ class PipelineMachine(RuleBasedStateMachine):
             damaged = data.draw(st.integers(0, q - unopened - opened))
             lines.append({"sku": ln["sku"], "unopened": unopened, "opened": opened, "damaged": damaged,
                           "missing": q - unopened - opened - damaged})
-        out = self.p.receive(parse(ReceiptIn, {"rma": rma, "received_at": self.now.isoformat(), "lines": lines,
+        out = receive(self.p, parse(ReceiptIn, {"rma": rma, "received_at": self.now.isoformat(), "lines": lines,
                                                "by": "dock"}), self.now)
-        assert out["state"] in ("received", "review")
+        assert out.state in ("received", "review")
 
     @precondition(lambda self: bool(self.rmas_in(State.RECEIVED, State.PROCESSING)))
     @rule(data=st.data())
@@ -181,7 +181,7 @@ class PipelineMachine(RuleBasedStateMachine):
         if not rmas:
             return
         try:
-            self.p.process(data.draw(st.sampled_from(rmas)), self.now, Actor("worker"))
+            process(self.p, data.draw(st.sampled_from(rmas)), self.now, Actor("worker"))
         except StaleState:
             COUNTS["compare-and-set lost"] += 1
 
@@ -190,7 +190,7 @@ class PipelineMachine(RuleBasedStateMachine):
     def sweep(self, hours: int) -> None:
         self.step("sweep")
         self.now += timedelta(hours=hours)
-        self.p.sweep(self.now)
+        sweep(self.p, self.now)
 
     @rule()
     def relay(self) -> None:
@@ -206,13 +206,13 @@ class PipelineMachine(RuleBasedStateMachine):
             return
         rma = data.draw(st.sampled_from(rmas))
         try:
-            out = self.p.review(rma, authorize, "checked", "alice", self.now)
+            out = review(self.p, rma, authorize, "checked", "alice", self.now)
         except StaleState:
             COUNTS["compare-and-set lost"] += 1
             return
         self.label(out)
-        if out["state"] == "processing":
-            self.p.finish(rma, self.now, Actor("operator:alice"))
+        if out.state == "processing":
+            finish(self.p, rma, self.now, Actor("operator:alice"))
 
     @precondition(lambda self: bool(self.rmas_in(State.AUTHORIZED)))
     @rule(data=st.data())
@@ -220,7 +220,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.step("cancel")
         rmas = self.rmas_in(State.AUTHORIZED)
         if rmas:
-            assert self.p.cancel(data.draw(st.sampled_from(rmas)), "customer withdrew", "alice", self.now)["state"] \
+            assert cancel(self.p, data.draw(st.sampled_from(rmas)), "customer withdrew", "alice", self.now).state \
                 == "cancelled"
 
     @precondition(lambda self: bool(self.rmas_in(State.RECEIVED)))
@@ -246,9 +246,9 @@ class PipelineMachine(RuleBasedStateMachine):
         rma = data.draw(st.sampled_from(rmas))
         self.gateway.armed = True
         try:
-            out = self.p.process(rma, self.now, Actor("worker"))
+            out = process(self.p, rma, self.now, Actor("worker"))
             # A zero refund (replacement, nothing refundable) calls no gateway; otherwise the timeout surfaces.
-            assert out is None or out["refund_total"] == "0.00", out
+            assert out is None or str(out.refund_total) == "0.00", out
         except TransientError:
             COUNTS["gateway timeouts after paying"] += 1
         finally:
@@ -271,8 +271,8 @@ class PipelineMachine(RuleBasedStateMachine):
     def drive_to_rest(self) -> None:
         rest = self.now + REST
         for _ in range(10):  # one return per order is processed at a time: a later pass takes the next
-            done = self.p.sweep(rest)
-            if not done["processed"] and not self.p.sweep_plan(rest).redrive:
+            done = sweep(self.p, rest)
+            if not done.processed and not self.p.sweep_plan(rest).redrive:
                 break
         for _ in range(30):
             self.p.relay(rest)

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
+from pydantic import ValidationError
 
 from models.errors import PermanentError
-from service.outbox import KINDS
+from models.notices import MessageKind
+from models.schemas import EMAIL
 
 if TYPE_CHECKING:
     from adapters.config import Shop
@@ -34,10 +36,6 @@ class InvalidRecipient(PermanentError):
 
 # ---- headers -------------------------------------------------------------------------------------------------
 
-_ADDRESS = re.compile(
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$"
-)
 _MESSAGE_ID = re.compile(r"^<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+>$")
 
 
@@ -48,11 +46,15 @@ def header_text(value: object, limit: int = 200) -> str:
 
 def check_recipient(recipient: object) -> str:
     """The recipient as one plain ASCII address (no display name, no list, no CR/LF); InvalidRecipient otherwise."""
-    if not isinstance(recipient, str) or _CONTROL.search(recipient):
+    if not isinstance(recipient, str) or _CONTROL.search(recipient) or not recipient.isascii():
         raise InvalidRecipient("recipient is not a single valid address")
     address = recipient.strip()
-    local, _, domain = address.rpartition("@")
-    if len(address) > 254 or len(local) > 64 or not _ADDRESS.match(address) or not domain:
+    try:
+        valid = EMAIL.validate_python(address)
+    except ValidationError:
+        raise InvalidRecipient("recipient is not a single valid address") from None
+    # The validator also accepts "Name <addr>" and lowercases the domain: only a bare address passes as given.
+    if valid.casefold() != address.casefold():
         raise InvalidRecipient("recipient is not a single valid address")
     return address
 
@@ -90,7 +92,7 @@ def render(
     date: datetime | None = None,
 ) -> EmailMessage:
     """One outbox row's message: text + HTML twins (+ label PDF for rma_issued); RenderError if anything is missing."""
-    if kind not in KINDS:
+    if kind not in set(MessageKind):
         raise RenderError(f"unknown message kind {str(kind)[:40]!r}")
     if not isinstance(context, dict):
         raise RenderError("context must be a JSON object")

@@ -1,0 +1,135 @@
+"""Typed values passed between the steps of a stage; JSON only at the edges (`to_json`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from models.policy import Allocation, Outcome, Settlement
+from models.states import State
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A stored request: its decision (R14), the RMA when one was issued or reserved for review."""
+
+    return_id: int
+    rma_number: str | None
+    state: State
+    outcome: Outcome
+    refund_total: Decimal
+    clauses: tuple[str, ...]
+    replayed: bool
+    decision: Mapping[str, Any]  # the stored decision: per-line outcome, clauses and reasons
+
+    @property
+    def authorized(self) -> bool:
+        return self.state is State.AUTHORIZED
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rma_number": self.rma_number, "state": str(self.state), "return_id": self.return_id,
+                "replayed": self.replayed} | dict(self.decision)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Where a return stands after a stage that moved it (receipt, review, cancel)."""
+
+    rma_number: str
+    state: State
+    deadline: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rma_number": self.rma_number, "state": str(self.state),
+                "deadline": self.deadline.isoformat() if self.deadline else None}
+
+
+@dataclass(frozen=True)
+class PlannedRefund:
+    """What processing will pay: the settlement and its split over payments (R10), from stored facts."""
+
+    rma: str
+    settlement: Settlement
+    allocations: tuple[Allocation, ...]
+
+    def key(self, payment_id: int) -> str:
+        """The gateway key: the same on every retry of this return's refund to this payment."""
+        return f"refund:{self.rma}:{payment_id}"
+
+
+@dataclass(frozen=True)
+class Payout:
+    """A plan and what the gateway answered for each of its payments; handed on to completion, not recomputed."""
+
+    plan: PlannedRefund
+    references: Mapping[int, str]
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A processed return: the refund paid (or zero for a replacement) and its split over the payments."""
+
+    rma_number: str
+    refund_total: Decimal
+    allocations: tuple[Allocation, ...]
+    state: State = State.COMPLETED
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rma_number": self.rma_number, "state": str(self.state), "refund_total": str(self.refund_total),
+                "payments": [{"payment_id": a.payment_id, "amount": str(a.amount)} for a in self.allocations]}
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The RMAs a sweep must act on at its `as_of`."""
+
+    expire: list[str] = field(default_factory=list)
+    due_soon: list[str] = field(default_factory=list)
+    overdue: list[str] = field(default_factory=list)
+    redrive: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep did, by RMA (ids only)."""
+
+    as_of: datetime
+    expired: list[str]
+    due_soon: list[str]
+    overdue: list[str]
+    processed: list[str]
+    labels: list[str]
+
+    ACTIONS = ("expired", "due_soon", "overdue", "processed", "labels")
+
+    def rows(self) -> list[dict[str, str]]:
+        """One row per action taken, for the run's table artifact."""
+        return [{"action": action, "rma": rma} for action in self.ACTIONS for rma in getattr(self, action)]
+
+    @classmethod
+    def from_rows(cls, as_of: datetime, rows: list[dict[str, str]]) -> SweepReport:
+        lists: dict[str, list[str]] = {a: [] for a in cls.ACTIONS}
+        for row in rows:
+            lists[row["action"]].append(row["rma"])
+        return cls(as_of=as_of, **lists)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"as_of": self.as_of.isoformat()} | {a: list(getattr(self, a)) for a in self.ACTIONS}
+
+
+@dataclass(frozen=True)
+class Board:
+    """What waits for a person at `as_of`: counts per state, due soon, overdue, stuck."""
+
+    as_of: datetime
+    counts: Mapping[str, int]
+    due_soon: list[str]
+    overdue: list[str]
+    stuck: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"as_of": self.as_of.isoformat(), "counts": dict(self.counts), "due_soon": self.due_soon,
+                "overdue": self.overdue, "stuck": self.stuck}

@@ -1,0 +1,82 @@
+"""Helpers every test module shares: the sample's clock, free loopback ports, row counts, and the stages run with
+plain steps at a chosen moment (what the command line and the demo do, replayable)."""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlmodel import SQLModel
+
+import models.tables  # noqa: F401  (registers every table on the metadata)
+from adapters.db import unit_of_work
+from models.schemas import ReceiptIn, ReturnRequestIn
+from service import stages
+from service.results import Completed, Decided, Moved, SweepReport
+from service.returns import Actor
+from service.stages import LocalSteps
+from service.steps import Pipeline
+
+NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's "today": its decisions hold here
+LATER = NOW + timedelta(days=4)  # parcels reach the dock
+API = Actor("api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def row_counts(target: Pipeline | Engine) -> dict[str, int]:
+    """Rows per table of the pipeline's (or engine's) database."""
+    with unit_of_work(target.engine if isinstance(target, Pipeline) else target) as s:
+        return {t.name: int(s.execute(select(func.count()).select_from(t)).scalar_one())
+                for t in SQLModel.metadata.sorted_tables}
+
+
+def at(p: Pipeline, now: datetime) -> LocalSteps:
+    """The plain steps with the clock standing at `now`."""
+    return LocalSteps(p, lambda: now)
+
+
+def request(p: Pipeline, req: ReturnRequestIn, now: datetime = NOW, actor: Actor = API) -> Decided:
+    return stages.after_request(at(p, now), req, actor)
+
+
+def receive(p: Pipeline, receipt: ReceiptIn, now: datetime = LATER, claim: bool = False) -> Moved:
+    """Record the receipt (and with `claim` start processing): the step the receipt stage starts with."""
+    return p.receive(receipt, now, Actor.operator(receipt.by), claim=claim)
+
+
+def process(p: Pipeline, rma: str, now: datetime = LATER, actor: Actor = API) -> Completed | None:
+    return stages.process(at(p, now), rma, actor)
+
+
+def review(p: Pipeline, rma: str, authorize: bool, note: str, by: str, now: datetime) -> Moved:
+    """The operator's decision only (after receipt an authorize leaves it processing, for `finish`)."""
+    return p.review(rma, authorize, note, Actor.operator(by), now)
+
+
+def cancel(p: Pipeline, rma: str, note: str, by: str, now: datetime) -> Moved:
+    return stages.after_cancel(at(p, now), rma, note, Actor.operator(by))
+
+
+def sweep(p: Pipeline, as_of: datetime, now: datetime | None = None) -> SweepReport:
+    return stages.sweep(at(p, now or as_of), as_of)
+
+
+def redrive(p: Pipeline, rma: str, now: datetime) -> bool:
+    return stages.redrive(at(p, now), rma)
+
+
+def finish(p: Pipeline, rma: str, now: datetime, actor: Actor = API) -> Completed:
+    """plan -> pay -> complete for a return already claimed (by a claim or an operator's review)."""
+    return p.complete(p.pay(p.plan_refund(rma)), now, actor)
+
+
+def as_json(out: Any) -> Any:
+    """A stage's typed result as the JSON the edges answer."""
+    return out.to_json() if hasattr(out, "to_json") else out
