@@ -25,7 +25,7 @@ from service.outbox import message_id_for
 from service.returns import current_settlement
 from service.steps import Pipeline
 
-# The email each state requires once a return has entered it (DESIGN.md: every transition's promise).
+# The email each state requires once a return has entered it (docs/architecture.md: every transition's promise).
 EMAIL_FOR_STATE = {
     State.AUTHORIZED: "rma_issued",
     State.DECLINED: "declined",
