@@ -10,6 +10,7 @@ from typing import Any
 
 from models.policy import Allocation, Outcome, Settlement
 from models.states import State
+from models.tables import Return
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class Moved:
     rma_number: str
     state: State
     deadline: datetime | None = None
+    return_id: int | None = field(default=None, compare=False)  # for the next step; not part of the answer
+
+    @classmethod
+    def of(cls, ret: Return) -> Moved:
+        assert ret.rma is not None
+        return cls(ret.rma, State(ret.state), ret.deadline_at, ret.id)
 
     def to_json(self) -> dict[str, Any]:
         return {"rma_number": self.rma_number, "state": str(self.state),
@@ -52,6 +59,7 @@ class PlannedRefund:
     """What processing will pay: the settlement and its split over payments (R10), from stored facts."""
 
     rma: str
+    return_id: int
     settlement: Settlement
     allocations: tuple[Allocation, ...]
 
@@ -76,6 +84,7 @@ class Completed:
     refund_total: Decimal
     allocations: tuple[Allocation, ...]
     state: State = State.COMPLETED
+    return_id: int | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"rma_number": self.rma_number, "state": str(self.state), "refund_total": str(self.refund_total),

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
 from adapters.config import Settings
@@ -221,7 +222,13 @@ def transition(
     session.add(Transition(return_id=ret.id, from_state=current, to_state=target, at=now,
                            actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {}))
     session.flush()
-    session.refresh(ret)
+    _written(ret, state=target, updated_at=now, **values)
+
+
+def _written(ret: Return, **values: Any) -> None:
+    """Bring the loaded return up to what an UPDATE just wrote, without reading it back (nor marking it dirty)."""
+    for name, value in values.items():
+        set_committed_value(ret, name, value)
 
 
 def load_return(session: Session, rma_text: str, *, for_update: bool = False) -> Return:
@@ -468,9 +475,9 @@ def receive(session: Session, receipt: ReceiptIn, now: datetime, actor: Actor, p
 # ---- processing ------------------------------------------------------------------------------------------
 
 
-def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Policy) -> Return | None:
-    """Take the return for processing under a lease: received -> processing, or an expired lease re-taken."""
-    ret = load_return(session, rma, for_update=True)
+def claim(session: Session, ret: Return, now: datetime, actor: Actor, policy: Policy) -> Return | None:
+    """Take the (loaded, locked) return for processing under a lease: received -> processing, or an expired
+    lease re-taken."""
     lease = now + timedelta(minutes=policy.processing_lease_minutes)
     if ret.state == State.RECEIVED and _another_in_processing(session, ret):
         return None  # the sweep takes it once the other return of its order is done
@@ -487,7 +494,7 @@ def claim(session: Session, rma: str, now: datetime, actor: Actor, policy: Polic
         session.add(Transition(return_id=ret.id, from_state=State.PROCESSING, to_state=State.PROCESSING,
                                at=now, actor=actor.name, flow_run_id=actor.flow_run_id,
                                facts={"re_driven": True, "lease_until": lease.isoformat()}))
-        session.refresh(ret)
+        _written(ret, claimed_until=lease, updated_at=now)
         return ret
     return None
 
@@ -518,7 +525,8 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents),
                                  from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)))), p.captured_at)
                 for p in rows]
-    return PlannedRefund(ret.rma, settlement, pol.allocate_refund(settlement.refund_total, payments))
+    assert ret.id is not None
+    return PlannedRefund(ret.rma, ret.id, settlement, pol.allocate_refund(settlement.refund_total, payments))
 
 
 def complete(session: Session, ret: Return, plan: PlannedRefund, references: dict[int, str], now: datetime,

@@ -66,7 +66,7 @@ def after_receipt(steps: Steps, receipt: ReceiptIn) -> Moved | Completed:
     out: Moved | Completed = moved
     if moved.state is State.PROCESSING:
         out = _refund(steps, moved.rma_number, actor)
-    steps.notify(moved.rma_number)
+    steps.notify(moved.rma_number, moved.return_id)
     return out
 
 
@@ -74,7 +74,7 @@ def process(steps: Steps, rma: str, actor: Actor) -> Completed | None:
     """Refund (or ship the replacement / exchange) a received return, then the 'processed' email; None if it is
     not (or no longer) waiting to be processed."""
     out = _refund(steps, rma, actor) if steps.claim(rma, actor) else None
-    steps.notify(rma)
+    steps.notify(rma, out.return_id if out else None)
     return out
 
 
@@ -86,14 +86,14 @@ def after_review(steps: Steps, rma: str, authorize: bool, note: str, actor: Acto
         steps.render_label(rma)
     elif moved.state is State.PROCESSING:
         out = _refund(steps, rma, actor)
-    steps.notify(rma)
+    steps.notify(rma, moved.return_id)
     return out
 
 
 def after_cancel(steps: Steps, rma: str, note: str, actor: Actor) -> Moved:
     """Withdraw an authorized return; its units become returnable again (R11)."""
     moved = steps.cancel(rma, note, actor)
-    steps.notify(rma)
+    steps.notify(rma, moved.return_id)
     return moved
 
 

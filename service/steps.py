@@ -18,6 +18,7 @@ from adapters.db import engine_for, unit_of_work
 from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 from adapters.payments.gateway import Gateway, LedgerGateway
 from models.errors import StaleState
+from models.money import to_cents
 from models.notices import OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
@@ -107,16 +108,16 @@ class Pipeline:
         with unit_of_work(self.engine) as session:
             ret = svc.receive(session, receipt, now, actor, self.policy, self.settings)
             if claim and ret.state is State.RECEIVED:
-                ret = svc.claim(session, ret.rma or receipt.rma, now, actor, self.policy) or ret
-            assert ret.rma is not None
-            out = Moved(ret.rma, ret.state, ret.deadline_at)
+                ret = svc.claim(session, ret, now, actor, self.policy) or ret
+            out = Moved.of(ret)
         crash_point("receive.after-commit")
         return out
 
     def claim(self, rma: str, now: datetime, actor: Actor) -> bool:
         """received -> processing under a lease (or re-take an expired lease); False if not ours to process."""
         with unit_of_work(self.engine) as session:
-            claimed = svc.claim(session, rma, now, actor, self.policy) is not None
+            claimed = svc.claim(session, svc.load_return(session, rma, for_update=True), now, actor,
+                                self.policy) is not None
         crash_point("process.after-claim")
         return claimed
 
@@ -129,7 +130,7 @@ class Pipeline:
         """Call the gateway per allocation with keys derived from the RMA: a retry never pays twice."""
         crash_point("process.before-pay")
         paid = {a.payment_id: self.gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
-                                                  amount_cents=int(a.amount * 100))
+                                                  amount_cents=to_cents(a.amount))
                 for a in plan.allocations}
         crash_point("process.after-pay")
         return Payout(plan, paid)
@@ -143,7 +144,7 @@ class Pipeline:
                 raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
             svc.complete(session, ret, plan, dict(payout.references), now, actor, self.settings)
         crash_point("process.after-commit")
-        return Completed(plan.rma, plan.settlement.refund_total, plan.allocations)
+        return Completed(plan.rma, plan.settlement.refund_total, plan.allocations, return_id=plan.return_id)
 
     def park(self, rma: str, reason: str, now: datetime, actor: Actor) -> bool:
         """processing -> review with Customer Care told why (the gateway refused the refund for good)."""
@@ -156,13 +157,13 @@ class Pipeline:
         with unit_of_work(self.engine) as session:
             ret = svc.settle_review(session, rma, authorize, note, actor, now, self.policy, self.settings)
             assert ret.rma is not None
-            return Moved(ret.rma, ret.state, ret.deadline_at)
+            return Moved.of(ret)
 
     def cancel(self, rma: str, note: str, actor: Actor, now: datetime) -> Moved:
         with unit_of_work(self.engine) as session:
             ret = svc.cancel(session, rma, note, actor, now)
             assert ret.rma is not None
-            return Moved(ret.rma, ret.state, ret.deadline_at)
+            return Moved.of(ret)
 
     # ---- sweep (R8, R9, stuck work) ------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class Pipeline:
             ret = svc.load_return(session, rma)
             assert ret.rma is not None
             if ret.state is not State.COMPLETED:
-                return Moved(ret.rma, ret.state, ret.deadline_at)
+                return Moved.of(ret)
             rows = session.execute(select(RefundAllocation.payment_id, RefundAllocation.amount_cents)
                                    .join(Refund, col(Refund.id) == RefundAllocation.refund_id)
                                    .where(Refund.return_id == ret.id).order_by(col(RefundAllocation.id))).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import uuid
@@ -97,3 +98,16 @@ def sample_pipeline(pipeline: Pipeline) -> Pipeline:
 
     pipeline.import_data(parse(ImportIn, (SAMPLE / "catalog.json").read_text(encoding="utf-8")))
     return pipeline
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _write_tallies() -> Iterator[None]:
+    """The counts docs/reliability.md reports come from a real run: RETURNS_TALLY_DIR=<dir> writes them."""
+    yield
+    out = os.environ.get("RETURNS_TALLY_DIR")
+    if out:
+        from tests.helpers import TALLIES
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for suite, counts in TALLIES.items():
+            (Path(out) / f"{suite}.json").write_text(json.dumps(dict(sorted(counts.items())), indent=1), "utf-8")

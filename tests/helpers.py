@@ -4,6 +4,7 @@ plain steps at a chosen moment (what the command line and the demo do, replayabl
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,14 @@ from service.steps import Pipeline
 NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's "today": its decisions hold here
 LATER = NOW + timedelta(days=4)  # parcels reach the dock
 API = Actor("api")
+
+
+TALLIES: dict[str, Counter[str]] = {}  # what each suite tried and checked; conftest writes them out
+
+
+def tally(suite: str) -> Counter[str]:
+    """The counter a suite adds to; with RETURNS_TALLY_DIR set, the session writes it to <dir>/<suite>.json."""
+    return TALLIES.setdefault(suite, Counter())
 
 
 def free_port() -> int:

@@ -37,7 +37,7 @@ from models.tables import GatewaySettlement, OutboxMessage, Refund, RefundAlloca
 from service.steps import Pipeline
 from tests.conftest import SAMPLE, make_pipeline
 from tests.crash_driver import run_op
-from tests.helpers import LATER, NOW, free_port
+from tests.helpers import LATER, NOW, free_port, tally
 from tests.invariants import check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ UNOPENED = {"IS-1001": [{"sku": "VC-SERUM-30", "unopened": 1}],
             "IS-1011": [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]}
 DAMAGED_BACK = {"IS-1001": [{"sku": "VC-SERUM-30", "damaged": 1}]}  # P3 damaged in transit back: review (R12)
 
-TALLY: Counter[str] = Counter()  # what the suite tried and checked, for docs/reliability-crash-faults.md
+TALLY = tally("crash")
 
 
 # ---- ops and placeholders --------------------------------------------------------------------------------------
@@ -530,11 +530,3 @@ def test_every_crash_point_is_exercised() -> None:
     covered = {c.point.split("@")[0] for c in SQLITE_CASES}
     assert covered == set(POINTS)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _tally() -> Iterator[None]:
-    TALLY.clear()
-    yield
-    out = os.environ.get("RETURNS_CRASH_TALLY")
-    if out:
-        Path(out).write_text(json.dumps(dict(sorted(TALLY.items())), indent=1), encoding="utf-8")

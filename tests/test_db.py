@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import API, LATER, NOW, cancel, finish, process, receive, review, row_counts, sweep
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
@@ -33,9 +32,12 @@ from models.tables import (
     ReturnLine,
     Transition,
 )
+from service import stages
 from service.results import Decided, Moved, Payout
 from service.returns import SAME_ANSWER_FOR_R13, Actor
+from service.stages import LocalSteps
 from service.steps import Pipeline
+from tests.helpers import API, LATER, NOW, cancel, finish, process, receive, review, row_counts, sweep
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 SAMPLES: list[dict[str, Any]] = json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
@@ -293,6 +295,29 @@ def test_receipt_starts_the_ten_day_clock(sample_pipeline: Pipeline) -> None:
     assert p.show(out.rma_number, LATER)["deadline_flag"] == "on_time"
 
 
+def test_a_receipt_processed_at_once_loads_the_return_once_per_transaction(sample_pipeline: Pipeline) -> None:
+    """The receipt stage is three transactions (receipt + claim, plan, completion): the return is read once in each,
+    not again after every write."""
+    from sqlalchemy import event
+
+    p = sample_pipeline
+    out = ask(p, "IS-1002")
+    loads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT returns.id, returns.rma,"):
+            loads.append(statement)
+
+    event.listen(p.engine, "before_cursor_execute", count)
+    try:
+        parcel = receipt(out.rma_number, [{"sku": "PV-SPF50-91", "unopened": 2}])
+        done = stages.after_receipt(LocalSteps(p, lambda: LATER), parcel)
+    finally:
+        event.remove(p.engine, "before_cursor_execute", count)
+    assert done.state is State.COMPLETED
+    assert len(loads) == 3
+
+
 # ---- processing: exactly once --------------------------------------------------------------------------------
 
 
@@ -490,7 +515,7 @@ def test_review_before_receipt_issues_an_rma(sample_pipeline: Pipeline) -> None:
     with pytest.raises(InvalidInput):
         cancel(p, rma, "not authorized yet", "alice", NOW)
     at = NOW + timedelta(hours=3)
-    assert review(p, rma, True, "lot expires 2028-06", "alice", at) == Moved(rma, State.AUTHORIZED)
+    assert review(p, rma, True, "lot expires 2028-06", "alice", at) == Moved(rma, State.AUTHORIZED)  # id aside
     r = ret_row(p, rma)
     assert (r.rma_issued_at, r.rma_expires_at) == (at, at + timedelta(days=30))
     assert transitions(p, out.return_id) == [(None, "requested", "api"), ("requested", "review", "api"),

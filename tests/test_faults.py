@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import threading
 import uuid
@@ -46,7 +45,7 @@ from service.returns import Actor
 from service.steps import Pipeline
 from tests.conftest import PG_ADMIN_URL, SAMPLE
 from tests.crash_driver import receipt_for, request_for, run_op
-from tests.helpers import LATER, NOW, finish, process, receive, redrive, review, sweep
+from tests.helpers import LATER, NOW, finish, process, receive, redrive, review, sweep, tally
 from tests.invariants import check_invariants
 from tests.smtp_server import SmtpServer
 
@@ -55,7 +54,7 @@ CATALOG = json.loads((SAMPLE / "catalog.json").read_text("utf-8"))
 ZOE = "zoe.lukasiewicz@example.com"  # IS-1001's account contact
 NGO = "ngo.bao.chau@example.com"  # IS-1003's
 
-TALLY: Counter[str] = Counter()
+TALLY = tally("faults")
 
 
 # ---- a real SMTP server that misbehaves on cue ------------------------------------------------------------------
@@ -552,11 +551,3 @@ def test_a_return_parked_after_a_partial_payout_still_holds_that_payments_room(t
     p.relay(LATER)
     settled(p, p.settings.home / "mail")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _tally() -> Iterator[None]:
-    TALLY.clear()
-    yield
-    out = os.environ.get("RETURNS_FAULT_TALLY")
-    if out:
-        Path(out).write_text(json.dumps(dict(sorted(TALLY.items())), indent=1), encoding="utf-8")

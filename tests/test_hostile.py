@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 from conftest import make_pipeline
-from helpers import API, NOW, cancel, process, receive, review
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from invariants import check_invariants
@@ -35,6 +34,7 @@ from models.errors import ReturnsError
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
 from service.returns import Actor
 from service.steps import Pipeline
+from tests.helpers import API, NOW, cancel, process, receive, review, tally
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"
@@ -44,7 +44,7 @@ REQUESTS = {s["request"]["order_number"]: s["request"]
 TEN_MB = "x" * (10 * 1024 * 1024)
 SQL = "'; DROP TABLE returns; --"
 HTML = "<script>alert('x')</script><img src=x onerror=alert(1)>"
-INPUTS: Counter[str] = Counter()  # how many hostile inputs each surface was given (docs/reliability-race-hostile.md)
+INPUTS = tally("hostile")
 
 settings.register_profile("ci", derandomize=True, database=None, max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

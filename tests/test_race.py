@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_pipeline
-from helpers import NOW, process, receive, sweep
 from invariants import check_invariants
 from sqlalchemy import func, select
 
@@ -31,6 +30,7 @@ from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.tables import GatewaySettlement, Payment, Refund, RefundAllocation, Return, Transition
 from service.returns import Actor
 from service.steps import Pipeline
+from tests.helpers import NOW, process, receive, sweep, tally
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "race_driver.py"
@@ -41,7 +41,7 @@ SWEEP_AS_OF = PROCESS_AT + LEASE + timedelta(minutes=1)  # past the lease of any
 FAR = NOW + timedelta(days=60)
 SINGLE, SHARED = 12, 4  # one-return orders; orders with two returns sharing their payments
 PROCESSORS, SWEEPERS = 8, 4
-RACE_COUNTS: Counter[str] = Counter()  # what this module tried; printed at the end (docs/reliability-race-hostile.md)
+RACE_COUNTS = tally("race")
 
 
 # ---- the data ------------------------------------------------------------------------------------------------------

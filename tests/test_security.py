@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from conftest import make_pipeline
-from helpers import API, NOW, process, receive, sweep
 from invariants import check_invariants
 from sqlalchemy import event, select
 
@@ -28,6 +27,7 @@ from models.schemas import ReceiptIn, ReturnRequestIn, parse
 from models.tables import Customer, OutboxMessage
 from service.returns import SAME_ANSWER_FOR_R13
 from service.steps import Pipeline
+from tests.helpers import API, NOW, process, receive, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"

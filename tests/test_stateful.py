@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import NOW, cancel, finish, process, receive, review, sweep
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -30,6 +28,7 @@ from models.states import State
 from models.tables import Return
 from service.returns import Actor
 from service.steps import Pipeline
+from tests.helpers import NOW, cancel, finish, process, receive, review, sweep, tally
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 SAMPLES: list[dict[str, Any]] = [s["request"] for s in json.loads((SAMPLE / "requests.json").read_text("utf-8"))]
@@ -39,7 +38,7 @@ REST = timedelta(days=120)  # far enough for every RMA to expire and every lease
 settings.register_profile("ci", derandomize=True, database=None, max_examples=60, stateful_step_count=40,
                           deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 CI = settings.get_profile("ci")
-COUNTS: Counter[str] = Counter()
+COUNTS = tally("stateful")
 
 _TEMPLATE: dict[str, Path] = {}
 
