@@ -1,0 +1,203 @@
+"""The three ways a return is timed through the pipeline; each takes the same stage functions (service/stages.py).
+
+  floor   the stages with plain steps (LocalSteps), in-process, no Prefect: what the command line runs
+  flows   the stage flows called in-process against a local Prefect server, heartbeats off (one caller)
+  served  `prefect.yaml` deployed and served by the `returns-in-process` worker in its own process; the bench is
+          the storefront and the dock, K clients creating runs over the REST API and waiting for each
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from bench.measure import count_prefect_client_retries, iso, machine_busy, self_cpu, self_hwm_mb, stop_group, summary
+from bench.run import RECEIPT_DEPLOYMENT, REQUEST_DEPLOYMENT, Run
+from bench.workload import receipt_params, request_params
+
+
+def floor(run: Run) -> None:
+    """The stage functions with the steps called directly: the path of the flows, without Prefect."""
+    from adapters.clock import utcnow
+    from models.schemas import ReceiptIn, ReturnRequestIn, parse
+    from models.states import State
+    from service import stages
+    from service.stages import LocalSteps
+
+    steps = LocalSteps(run.pipeline, utcnow)
+    reqs = [parse(ReturnRequestIn, request_params(i, run.tag)) for i in range(run.n)]
+    prof = run._profiler()
+    cpu0, t0, run.busy0 = self_cpu(), time.monotonic(), machine_busy()
+    lat = []
+    for i, req in enumerate(reqs):
+        s = time.monotonic()
+        decided = stages.after_request(steps, req)
+        lat.append(time.monotonic() - s)
+        assert decided.state is State.AUTHORIZED and decided.rma_number, decided
+        run.rmas[i] = decided.rma_number
+        run.deadline.check("requesting")
+    t1 = time.monotonic()
+    for i in range(run.n):
+        receipt = parse(ReceiptIn, receipt_params(i, run.rmas[i], utcnow()))
+        out = stages.after_receipt(steps, receipt)
+        assert out.state is State.COMPLETED, out
+        run.deadline.check("receiving")
+    t2 = time.monotonic()
+    run._profile_done(prof, "client")
+    run._phase_end(lat, t0, t1, t2, cpu0)
+    run.result["client_rss_mb"] = self_hwm_mb()
+
+
+def flows(run: Run) -> None:
+    """The stage flows called in this process, each a flow run on the server with its task runs."""
+    retries = count_prefect_client_retries()
+    from entrypoints.prefect_server import drain_prefect_workers
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from adapters.clock import utcnow
+    from flows.returns import record_receipt, request_return
+    from models.schemas import ReceiptLineIn, RequestLineIn
+
+    assert run.monitor is not None
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        # the first flow call pays a per-process cost a served process pays once too: it stays inside, 1 of N
+        run._measure_idle()
+        prof = run._profiler()
+        cpu0, m0, t0, run.busy0 = self_cpu(), run.monitor.mark(), time.monotonic(), machine_busy()
+        run.m_start = m0
+        lat = []
+        for i in range(run.n):
+            params = request_params(i, run.tag)
+            params["lines"] = [RequestLineIn(**ln) for ln in params["lines"]]
+            s = time.monotonic()
+            out = request_return(**params)
+            lat.append(time.monotonic() - s)
+            assert out["state"] == "authorized", out
+            run.rmas[i] = out["rma_number"]
+            run.deadline.check("requesting")
+        t1 = time.monotonic()
+        for i in range(run.n):
+            rp = receipt_params(i, run.rmas[i], utcnow())
+            out = record_receipt(rma=rp["rma"], received_at=datetime.fromisoformat(rp["received_at"]),
+                                 lines=[ReceiptLineIn(**ln) for ln in rp["lines"]], by=rp["by"])
+            assert out["state"] == "completed", out
+            run.deadline.check("receiving")
+        t2 = time.monotonic()
+        run._profile_done(prof, "client")
+        run._phase_end(lat, t0, t1, t2, cpu0)
+        s = time.monotonic()
+        drain_prefect_workers()
+        run.result["client_drain_s"] = round(time.monotonic() - s, 2)
+    run.result["client_cpu_incl_drain_s"] = round(self_cpu() - cpu0, 2)
+    run.result["client_rss_mb"] = self_hwm_mb()
+    run.result["client_retries"] = retries.by_status
+    run._settle(m0, t2)
+
+
+def served(run: Run) -> None:
+    """Deploy prefect.yaml, start the in-process worker, and drive it over REST as K storefronts and docks."""
+    from entrypoints.prefect_api import PrefectApi
+
+    assert run.monitor is not None
+    t0 = time.monotonic()
+    run.worker = start_worker(run)
+    run.register_pid(run.worker.pid)
+    api = PrefectApi(run.api_url)
+    while True:  # the deployments are applied before the worker starts polling
+        run.deadline.check("waiting for the deployments")
+        if run.worker.poll() is not None:
+            raise RuntimeError(f"the worker exited ({run.worker.returncode}); see worker.log")
+        try:
+            api.deployment_id(REQUEST_DEPLOYMENT), api.deployment_id(RECEIPT_DEPLOYMENT)
+            break
+        except Exception:  # noqa: BLE001 - not registered yet
+            time.sleep(0.2)
+    run.result["worker_start_s"] = round(time.monotonic() - t0, 2)
+    time.sleep(1.0)  # let the worker's first poll settle
+    k, poll = run.spec["clients"], run.spec["poll"]
+    apis: list[PrefectApi] = []  # one REST client per storefront / dock thread
+    local = threading.local()
+    lock = threading.Lock()
+
+    def client() -> PrefectApi:
+        if not hasattr(local, "api"):
+            local.api = PrefectApi(run.api_url)
+            local.api._deployments = dict(api._deployments)
+            with lock:
+                apis.append(local.api)
+        return local.api  # type: ignore[no-any-return]
+
+    def one_request(i: int) -> dict[str, Any]:
+        params = request_params(i, run.tag)
+        wall, s = time.time(), time.monotonic()
+        run_id = client().create_run(REQUEST_DEPLOYMENT, params, idempotency_key=params["idempotency_key"])
+        created = time.monotonic()
+        flow_run = client().wait(run_id, timeout=max(1.0, run.deadline.left()), poll=poll, max_poll=poll)
+        return {"i": i, "wall": wall, "lat": time.monotonic() - s, "post": created - s,
+                "run": _run_times(flow_run), "id": run_id}
+
+    def one_receipt(i: int) -> dict[str, Any]:
+        params = receipt_params(i, run.rmas[i], datetime.now(UTC))
+        s = time.monotonic()
+        run_id = client().create_run(RECEIPT_DEPLOYMENT, params, idempotency_key=f"receipt-{run.tag}-{i}")
+        flow_run = client().wait(run_id, timeout=max(1.0, run.deadline.left()), poll=poll, max_poll=poll)
+        return {"i": i, "lat": time.monotonic() - s, "run": _run_times(flow_run), "id": run_id}
+
+    run._measure_idle()
+    prof = run._profiler()
+    cpu0, m0, t0, run.busy0 = self_cpu(), run.monitor.mark(), time.monotonic(), machine_busy()
+    run.m_start = m0
+    with ThreadPoolExecutor(max_workers=k, thread_name_prefix="storefront") as pool:
+        requests = list(pool.map(one_request, range(run.n)))
+    t1 = time.monotonic()
+    run.rmas = run._rmas_by_order()
+    with ThreadPoolExecutor(max_workers=k, thread_name_prefix="dock") as pool:
+        receipts = list(pool.map(one_receipt, range(run.n)))
+    t2 = time.monotonic()
+    run._profile_done(prof, "client")
+    m_end = run.monitor.mark()
+    run._phase_end([r["lat"] for r in requests], t0, t1, t2, cpu0)
+    r = run.result
+    r["client_rss_mb"] = self_hwm_mb()
+    r["client_busy_retries"] = {str(code): sum(a.busy.get(code, 0) for a in apis) for code in (503, 429)}
+    r["post_s"] = summary([q["post"] for q in requests])
+    r["label_latency_s"] = summary(run._label_latencies(requests))
+    r["request_run"] = _decompose(requests)
+    r["receipt_run"] = _decompose(receipts)
+    r["receipt_latency_s"] = summary([q["lat"] for q in receipts])
+    r["worker_cpu_s"] = round(m_end["worker"] - m0["worker"], 2)
+    run._settle(m0, t2)
+    r["request_states"] = run._state_gaps(api, [q["id"] for q in requests])
+    r["receipt_states"] = run._state_gaps(api, [q["id"] for q in receipts])
+    stop_group(run.worker, grace=30)  # SIGTERM: the worker lets runs in flight finish
+    r["worker_rss_mb"] = run.monitor.peak_mb("worker")
+
+
+def start_worker(run: Run) -> subprocess.Popen[bytes]:
+    """`prefect.yaml` applied, then the in-process worker on the returns pool, in a process group of its own."""
+    raise NotImplementedError  # filled in with the worker type (entrypoints/worker.py)
+
+
+def _run_times(flow_run: dict[str, Any]) -> dict[str, Any]:
+    return {"created": flow_run.get("created"), "start": flow_run.get("start_time"), "end": flow_run.get("end_time"),
+            "seen": datetime.now(UTC).isoformat()}
+
+
+def _decompose(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a served run's latency goes: created -> Running (poll + claim + engine), Running -> Completed,
+    Completed -> the client sees it (its poll)."""
+    queued, running, seen = [], [], []
+    for q in items:
+        t = q["run"]
+        c, s, e, w = iso(t["created"]), iso(t["start"]), iso(t["end"]), iso(t["seen"])
+        if c and s and e and w:
+            queued.append((s - c).total_seconds())
+            running.append((e - s).total_seconds())
+            seen.append((w - e).total_seconds())
+    return {"created_to_running": summary(queued), "running_to_completed": summary(running),
+            "completed_to_seen": summary(seen)}
+
