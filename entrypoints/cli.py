@@ -17,7 +17,7 @@ from adapters.redact import install_redaction
 from entrypoints.prefect_api import RunFailed
 from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
 from models.rma import parse_rma
-from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, explain, parse
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, Strict, explain, parse
 
 MAX_INPUT_BYTES = 20 * 1024 * 1024
 EXIT_INPUT, EXIT_NOT_FOUND, EXIT_TRANSIENT, EXIT_INTERNAL = 2, 3, 75, 70
@@ -122,7 +122,8 @@ def run(argv: list[str]) -> int:
     now = fixed or utcnow()
     # Every input is read and validated before the database is touched: a refused command writes nothing,
     # not even a fresh database (nor a flow run).
-    schemas = {"import": ImportIn, "quote": ReturnRequestIn, "request": ReturnRequestIn, "receive": ReceiptIn}
+    schemas: dict[str, type[Strict]] = {"import": ImportIn, "quote": ReturnRequestIn, "request": ReturnRequestIn,
+                                           "receive": ReceiptIn}
     payload: Any = parse(schemas[args.cmd], _read(args.file)) if args.cmd in schemas else None
     rma = parse_rma(args.rma) if getattr(args, "rma", None) is not None else None
     note = _note(args.note) if getattr(args, "note", None) is not None else None
@@ -146,6 +147,7 @@ def run(argv: list[str]) -> int:
         _print(pipeline.quote(payload, now))
         return 0
     if args.cmd == "show":
+        assert rma is not None  # argparse requires it
         _print(pipeline.show(rma, now))
         return 0
     verbs = _verbs(pipeline, through_prefect, fixed)

@@ -37,7 +37,7 @@ REVIEW_AFTER_RECEIPT = "IS-1011"  # damaged in transit back (R12): settled only 
 
 def shifted_catalog(now: datetime) -> dict[str, Any]:
     """The sample catalogue with every time moved so that its requests arrive at `now`."""
-    data = json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))
     delta = now - SAMPLE_NOW
     days = timedelta(days=round(delta / timedelta(days=1)))
 

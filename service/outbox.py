@@ -6,7 +6,7 @@ import hashlib
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from models.notices import MessageKind, OutboxStatus
 from models.tables import OutboxMessage
@@ -31,7 +31,7 @@ def enqueue(
 ) -> OutboxMessage:
     """Add the message unless one with `key` exists (then return that one); never commits."""
     kind = MessageKind(kind)
-    existing = session.scalars(select(OutboxMessage).where(OutboxMessage.key == key)).first()
+    existing = session.scalars(select(OutboxMessage).where(col(OutboxMessage.key) == key)).first()
     if existing is not None:
         return existing
     msg = OutboxMessage(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
@@ -15,6 +15,7 @@ from adapters.config import Settings
 from models import policy as pol
 from models.errors import InvalidInput, NotFound, StaleState
 from models.money import from_cents, parse_amount, to_cents
+from models.notices import MessageKind
 from models.policy import Outcome, Policy
 from models.rma import new_rma, parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
@@ -136,16 +137,16 @@ def _lock_order(session: Session, number: str) -> None:
     """Serialize the writers of one order on PostgreSQL, where two READ COMMITTED transactions would both see the
     same units free (R11) or the same payment room (R10); SQLite's BEGIN IMMEDIATE already serializes writers."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Order.number).where(Order.number == number).with_for_update())
+        session.execute(select(col(Order.number)).where(col(Order.number) == number).with_for_update())
 
 
 def _another_in_processing(session: Session, ret: Return) -> bool:
     """Whether another return of the same order is being processed. Its refunds share the order's payments (R10):
     processing them one at a time keeps every plan's allocation from going stale under the other's completion."""
     _lock_order(session, ret.order_number)
-    return session.scalars(select(Return.id).where(
-        Return.order_number == ret.order_number, Return.id != ret.id,
-        Return.state == State.PROCESSING)).first() is not None
+    return session.scalars(select(col(Return.id)).where(
+        col(Return.order_number) == ret.order_number, col(Return.id) != ret.id,
+        col(Return.state) == State.PROCESSING)).first() is not None
 
 
 def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
@@ -153,18 +154,18 @@ def units_held(session: Session, order_line_ids: list[int]) -> dict[int, int]:
     if not order_line_ids:
         return {}
     rows = session.execute(
-        select(ReturnLine.order_line_id, func.sum(ReturnLine.quantity))
+        select(col(ReturnLine.order_line_id), func.sum(ReturnLine.quantity))
         .join(Return, col(Return.id) == ReturnLine.return_id)
         .where(col(ReturnLine.order_line_id).in_(order_line_ids))
         .where(col(Return.state).in_(list(HOLDS_UNITS)))
-        .where(ReturnLine.outcome != Outcome.DECLINED)
-        .group_by(ReturnLine.order_line_id)
+        .where(col(ReturnLine.outcome) != Outcome.DECLINED)
+        .group_by(col(ReturnLine.order_line_id))
     ).all()
     return {int(r[0]): int(r[1]) for r in rows}
 
 
 def _facts(session: Session, order: Order) -> tuple[pol.OrderFacts, dict[str, pol.LineFacts], dict[str, OrderLine]]:
-    lines = list(session.scalars(select(OrderLine).where(OrderLine.order_number == order.number)))
+    lines = list(session.scalars(select(OrderLine).where(col(OrderLine.order_number) == order.number)))
     held = units_held(session, [ln.id for ln in lines if ln.id is not None])
     skus = [ln.sku for ln in lines]
     products = {p.sku: p for p in session.scalars(select(Product).where(col(Product.sku).in_(skus)))}
@@ -205,6 +206,18 @@ def quote(session: Session, req: ReturnRequestIn, now: datetime, policy: Policy)
 # ---- transitions -----------------------------------------------------------------------------------------
 
 
+def _id(row: Any) -> int:
+    """The primary key of a row that has been flushed (SQLModel types it Optional until then)."""
+    assert row.id is not None
+    return int(row.id)
+
+
+def _updated(session: Session, statement: Any) -> int:
+    """Run a compare-and-set UPDATE (the session's copies are left as they are); how many rows it changed."""
+    result = cast(CursorResult[Any], session.execute(statement.execution_options(synchronize_session=False)))
+    return int(result.rowcount)
+
+
 def transition(
     session: Session, ret: Return, target: State, now: datetime, actor: Actor,
     facts: dict[str, Any] | None = None, **values: Any,
@@ -212,14 +225,11 @@ def transition(
     """Compare-and-set the state (plus `values`) and append the audit row, in the caller's transaction."""
     current = State(ret.state)
     check_transition(current, target, received=ret.received_at is not None or "received_at" in values)
-    result = session.execute(
-        update(Return).where(col(Return.id) == ret.id, Return.state == current)
-        .values(state=target, updated_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    changed = _updated(session, update(Return).where(col(Return.id) == ret.id, col(Return.state) == current)
+                       .values(state=target, updated_at=now, **values))
+    if changed != 1:
         raise StaleState(f"return {ret.rma or ret.id} is no longer '{current}'")
-    session.add(Transition(return_id=ret.id, from_state=current, to_state=target, at=now,
+    session.add(Transition(return_id=_id(ret), from_state=current, to_state=target, at=now,
                            actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {}))
     session.flush()
     _written(ret, state=target, updated_at=now, **values)
@@ -234,7 +244,7 @@ def _written(ret: Return, **values: Any) -> None:
 def load_return(session: Session, rma_text: str, *, for_update: bool = False) -> Return:
     """The return with this RMA; InvalidInput for a mistyped number, NotFound for an unknown one."""
     rma = parse_rma(rma_text)
-    stmt = select(Return).where(Return.rma == rma)
+    stmt = select(Return).where(col(Return.rma) == rma)
     if for_update and session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     ret = session.scalars(stmt).first()
@@ -246,7 +256,7 @@ def load_return(session: Session, rma_text: str, *, for_update: bool = False) ->
 def _unique_rma(session: Session) -> str:
     for _ in range(20):
         rma = new_rma()
-        if session.scalars(select(Return.id).where(Return.rma == rma)).first() is None:
+        if session.scalars(select(col(Return.id)).where(col(Return.rma) == rma)).first() is None:
             return rma
     raise RuntimeError("could not draw an unused RMA number")  # pragma: no cover - 32^6 numbers
 
@@ -267,11 +277,12 @@ def _customer(session: Session, ret: Return) -> Customer:
 
 
 def _order_lines(session: Session, order_number: str) -> dict[int | None, OrderLine]:
-    return {ol.id: ol for ol in session.scalars(select(OrderLine).where(OrderLine.order_number == order_number))}
+    return {ol.id: ol for ol in session.scalars(select(OrderLine).where(col(OrderLine.order_number) == order_number))}
 
 
 def _lines(session: Session, ret: Return) -> list[ReturnLine]:
-    return list(session.scalars(select(ReturnLine).where(ReturnLine.return_id == ret.id).order_by(ReturnLine.id)))
+    return list(session.scalars(select(ReturnLine).where(col(ReturnLine.return_id) == ret.id)
+                                .order_by(col(ReturnLine.id))))
 
 
 def _email(session: Session, ret: Return, kind: str, context: dict[str, Any], now: datetime, settings: Settings,
@@ -282,7 +293,7 @@ def _email(session: Session, ret: Return, kind: str, context: dict[str, Any], no
     if not to_care:
         base |= {"customer_name": customer.name, "account": customer.account}
     key = f"{ret.id}:{kind}" + (f":{occasion}" if occasion else "")
-    enqueue(session, key=key, kind=kind, recipient=settings.care_address if to_care else customer.email,
+    enqueue(session, key=key, kind=MessageKind(kind), recipient=settings.care_address if to_care else customer.email,
             context=base | context, return_id=ret.id, now=now, domain=settings.shop.message_id_domain)
 
 
@@ -347,9 +358,9 @@ def decided(ret: Return, replayed: bool = False) -> Decided:
     """The typed outcome of a stored request, from its row."""
     assert ret.id is not None
     d = ret.decision
-    return Decided(return_id=ret.id, rma_number=ret.rma, state=ret.state, outcome=Outcome(str(d["decision"])),
-                   refund_total=Decimal(str(d["refund_total"])), clauses=tuple(str(c) for c in d.get("clauses", [])),
-                   replayed=replayed, decision=d)
+    clauses = tuple(str(c) for c in cast(list[str], d.get("clauses", [])))
+    return Decided(return_id=_id(ret), rma_number=ret.rma, state=ret.state, outcome=Outcome(str(d["decision"])),
+                   refund_total=Decimal(str(d["refund_total"])), clauses=clauses, replayed=replayed, decision=d)
 
 
 def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor: Actor, policy: Policy,
@@ -359,8 +370,8 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
     _lock_order(session, order.number)  # concurrent requests for the last units: one wins, the other hears R11
     if req.idempotency_key:
         # Keys are scoped to the order (R13): another customer's key can neither collide nor reveal a return.
-        prior = session.scalars(select(Return).where(Return.order_number == order.number,
-                                                     Return.idempotency_key == req.idempotency_key)).first()
+        prior = session.scalars(select(Return).where(col(Return.order_number) == order.number,
+                                                     col(Return.idempotency_key) == req.idempotency_key)).first()
         if prior is not None:
             return decided(prior, replayed=True)
     decision = quote(session, req, now, policy)
@@ -374,12 +385,12 @@ def request_return(session: Session, req: ReturnRequestIn, now: datetime, actor:
         ret.rma = _unique_rma(session)  # a reference for the operator; it is not issued until authorized
     session.add(ret)
     session.flush()
-    session.add(Transition(return_id=ret.id, from_state=None, to_state=State.REQUESTED, at=now, actor=actor.name,
+    session.add(Transition(return_id=_id(ret), from_state=None, to_state=State.REQUESTED, at=now, actor=actor.name,
                            flow_run_id=actor.flow_run_id,
                            facts={"request": req.model_dump(mode="json", exclude={"email"})}))
     for ld in decision.lines:
         session.add(ReturnLine(
-            return_id=ret.id, order_line_id=order_lines[ld.sku].id, sku=ld.sku, quantity=ld.quantity,
+            return_id=_id(ret), order_line_id=_id(order_lines[ld.sku]), sku=ld.sku, quantity=ld.quantity,
             unopened_declared=next(r.unopened for r in req.lines if r.sku == ld.sku), exchange_sku=ld.exchange_sku,
             outcome=ld.outcome, basis=ld.basis, clauses=list(ld.clauses), reason_text=ld.reason,
             refund_cents=to_cents(ld.refund), restocking_fee_cents=to_cents(ld.restocking_fee)))
@@ -485,13 +496,12 @@ def claim(session: Session, ret: Return, now: datetime, actor: Actor, policy: Po
         transition(session, ret, State.PROCESSING, now, actor, {"lease_until": lease.isoformat()}, claimed_until=lease)
         return ret
     if ret.state == State.PROCESSING and (ret.claimed_until is None or ret.claimed_until <= now):
-        result = session.execute(
-            update(Return).where(col(Return.id) == ret.id, Return.state == State.PROCESSING,
-                                 Return.claimed_until == ret.claimed_until)
-            .values(claimed_until=lease, updated_at=now).execution_options(synchronize_session=False))
-        if result.rowcount != 1:
+        changed = _updated(session, update(Return).where(
+            col(Return.id) == ret.id, col(Return.state) == State.PROCESSING,
+            col(Return.claimed_until) == ret.claimed_until).values(claimed_until=lease, updated_at=now))
+        if changed != 1:
             return None
-        session.add(Transition(return_id=ret.id, from_state=State.PROCESSING, to_state=State.PROCESSING,
+        session.add(Transition(return_id=_id(ret), from_state=State.PROCESSING, to_state=State.PROCESSING,
                                at=now, actor=actor.name, flow_run_id=actor.flow_run_id,
                                facts={"re_driven": True, "lease_until": lease.isoformat()}))
         _written(ret, claimed_until=lease, updated_at=now)
@@ -501,9 +511,9 @@ def claim(session: Session, ret: Return, now: datetime, actor: Actor, policy: Po
 
 def current_settlement(session: Session, ret: Return, policy: Policy) -> pol.Settlement:
     """The settlement the stored receipt earns, counting an operator's authorize after a receipt-time review."""
-    approved = session.scalars(select(Transition.id).where(
-        Transition.return_id == ret.id, Transition.from_state == State.REVIEW,
-        Transition.to_state == State.PROCESSING)).first() is not None
+    approved = session.scalars(select(col(Transition.id)).where(
+        col(Transition.return_id) == ret.id, col(Transition.from_state) == State.REVIEW,
+        col(Transition.to_state) == State.PROCESSING)).first() is not None
     return settlement_for(session, ret, policy, approved=approved)
 
 
@@ -514,14 +524,14 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
     if ret.state != State.PROCESSING:
         raise StaleState(f"{ret.rma} is '{ret.state}', not processing")
     settlement = current_settlement(session, ret, policy)
-    rows = list(session.scalars(select(Payment).where(Payment.order_number == ret.order_number)))
+    rows = list(session.scalars(select(Payment).where(col(Payment.order_number) == ret.order_number)))
     # What the gateway already paid under other returns' keys, recorded or not: a return parked after a partial
     # payout (its refund row never written) must still use up that payment's room, or a sibling could pay it again.
     paid_elsewhere = dict(session.execute(
-        select(GatewaySettlement.payment_id, func.sum(GatewaySettlement.amount_cents))
+        select(col(GatewaySettlement.payment_id), func.sum(GatewaySettlement.amount_cents))
         .where(col(GatewaySettlement.payment_id).in_([p.id for p in rows]),
                ~col(GatewaySettlement.idempotency_key).startswith(f"refund:{ret.rma}:"))
-        .group_by(GatewaySettlement.payment_id)).all())
+        .group_by(col(GatewaySettlement.payment_id))).all())
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents),
                                  from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)))), p.captured_at)
                 for p in rows]
@@ -532,22 +542,21 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
 def complete(session: Session, ret: Return, plan: PlannedRefund, references: dict[int, str], now: datetime,
              actor: Actor, settings: Settings) -> Return:
     """Record the paid refund (or the replacement sent), complete the return and enqueue the email; once only."""
-    if session.scalars(select(Refund.id).where(Refund.return_id == ret.id)).first() is not None:
+    if session.scalars(select(col(Refund.id)).where(col(Refund.return_id) == ret.id)).first() is not None:
         raise StaleState(f"{ret.rma} is already refunded")
     total = to_cents(plan.settlement.refund_total)
-    refund = Refund(return_id=ret.id, idempotency_key=f"refund:{plan.rma}", amount_cents=total, created_at=now)
+    refund = Refund(return_id=_id(ret), idempotency_key=f"refund:{plan.rma}", amount_cents=total, created_at=now)
     session.add(refund)
     session.flush()
     paid: list[dict[str, str | None]] = []
     for alloc in plan.allocations:
         cents = to_cents(alloc.amount)
-        session.add(RefundAllocation(refund_id=refund.id, payment_id=alloc.payment_id, amount_cents=cents,
+        session.add(RefundAllocation(refund_id=_id(refund), payment_id=alloc.payment_id, amount_cents=cents,
                                      gateway_reference=references[alloc.payment_id]))
-        result = session.execute(
-            update(Payment).where(col(Payment.id) == alloc.payment_id,
-                                  Payment.refunded_cents + cents <= Payment.amount_cents)
-            .values(refunded_cents=Payment.refunded_cents + cents).execution_options(synchronize_session=False))
-        if result.rowcount != 1:
+        changed = _updated(session, update(Payment).where(
+            col(Payment.id) == alloc.payment_id, col(Payment.refunded_cents) + cents <= col(Payment.amount_cents))
+            .values(refunded_cents=col(Payment.refunded_cents) + cents))
+        if changed != 1:
             raise StaleState(f"payment {alloc.payment_id} has no room left for this refund")
         pay = session.get(Payment, alloc.payment_id)
         assert pay is not None
@@ -582,8 +591,8 @@ def park(session: Session, rma: str, reason: str, now: datetime, actor: Actor, s
     if ret.state != State.PROCESSING:
         return False
     parked = session.scalar(select(func.count()).select_from(Transition).where(
-        Transition.return_id == ret.id, Transition.from_state == State.PROCESSING,
-        Transition.to_state == State.REVIEW)) or 0
+        col(Transition.return_id) == ret.id, col(Transition.from_state) == State.PROCESSING,
+        col(Transition.to_state) == State.REVIEW)) or 0
     transition(session, ret, State.REVIEW, now, actor, {"error": reason}, claimed_until=None)
     _email(session, ret, "review_needed", {"reasons": [reason]}, now, settings, to_care=True,
            occasion=f"processing-{parked + 1}")  # one email per parking, even after an earlier review
@@ -631,7 +640,7 @@ def cancel(session: Session, rma: str, note: str, actor: Actor, now: datetime) -
 
 
 def _candidates(session: Session, stmt: Any, limit: int) -> list[str]:
-    stmt = stmt.order_by(Return.id).limit(limit)
+    stmt = stmt.order_by(col(Return.id)).limit(limit)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     return [r for r in session.scalars(stmt) if r is not None]
@@ -643,17 +652,17 @@ def sweep_candidates(session: Session, as_of: datetime, policy: Policy, limit: i
     due_soon_from = as_of + timedelta(hours=policy.escalate_before_hours)
     stale = as_of - timedelta(minutes=policy.processing_lease_minutes)
     return SweepPlan(
-        expire=_candidates(session, select(Return.rma).where(Return.state == State.AUTHORIZED,
+        expire=_candidates(session, select(col(Return.rma)).where(col(Return.state) == State.AUTHORIZED,
                                                              col(Return.rma_expires_at) <= as_of), limit),
-        due_soon=_candidates(session, select(Return.rma).where(
+        due_soon=_candidates(session, select(col(Return.rma)).where(
             col(Return.state).in_(open_clock), col(Return.deadline_at) <= due_soon_from,
             col(Return.deadline_at) > as_of, col(Return.due_soon_flagged_at).is_(None)), limit),
-        overdue=_candidates(session, select(Return.rma).where(
+        overdue=_candidates(session, select(col(Return.rma)).where(
             col(Return.state).in_(open_clock), col(Return.deadline_at) <= as_of,
             col(Return.overdue_flagged_at).is_(None)), limit),
-        redrive=_candidates(session, select(Return.rma).where(
-            ((Return.state == State.PROCESSING) & (col(Return.claimed_until) <= as_of))
-            | ((Return.state == State.RECEIVED) & (col(Return.updated_at) <= stale))), limit),
+        redrive=_candidates(session, select(col(Return.rma)).where(
+            ((col(Return.state) == State.PROCESSING) & (col(Return.claimed_until) <= as_of))
+            | ((col(Return.state) == State.RECEIVED) & (col(Return.updated_at) <= stale))), limit),
     )
 
 
@@ -678,9 +687,8 @@ def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, now: d
     if pol.deadline_flag(policy, ret.deadline_at, as_of) is not flag or flag is pol.Flag.ON_TIME:
         return False
     column = Return.due_soon_flagged_at if flag is pol.Flag.DUE_SOON else Return.overdue_flagged_at
-    result = session.execute(update(Return).where(col(Return.id) == ret.id, column.is_(None))
-                             .values({column: as_of}).execution_options(synchronize_session=False))
-    if result.rowcount != 1:
+    if _updated(session, update(Return).where(col(Return.id) == ret.id, col(column).is_(None))
+                .values({column: as_of})) != 1:
         return False
     assert ret.received_at is not None
     _email(session, ret, str(flag), {"received_on": policy.local_date(ret.received_at).isoformat(),
@@ -696,11 +704,12 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
     """Everything an operator needs about one return: state, timeline, lines, money, deadline, emails."""
     ret = load_return(session, rma_text)
     lines = _lines(session, ret)
-    timeline = session.scalars(select(Transition).where(Transition.return_id == ret.id).order_by(Transition.id))
-    refund = session.scalars(select(Refund).where(Refund.return_id == ret.id)).first()
+    timeline = session.scalars(select(Transition).where(col(Transition.return_id) == ret.id)
+                               .order_by(col(Transition.id)))
+    refund = session.scalars(select(Refund).where(col(Refund.return_id) == ret.id)).first()
     payments: list[dict[str, Any]] = []
     if refund is not None:
-        for alloc in session.scalars(select(RefundAllocation).where(RefundAllocation.refund_id == refund.id)):
+        for alloc in session.scalars(select(RefundAllocation).where(col(RefundAllocation.refund_id) == refund.id)):
             pay = session.get(Payment, alloc.payment_id)
             assert pay is not None
             payments.append({"method": pay.method, "last4": pay.last4, "amount": str(from_cents(alloc.amount_cents)),
@@ -708,7 +717,8 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
     flag = None
     if ret.deadline_at is not None and ret.state not in TERMINAL:
         flag = str(pol.deadline_flag(policy, ret.deadline_at, now))
-    mail = session.scalars(select(OutboxMessage).where(OutboxMessage.return_id == ret.id).order_by(OutboxMessage.id))
+    mail = session.scalars(select(OutboxMessage).where(col(OutboxMessage.return_id) == ret.id)
+                           .order_by(col(OutboxMessage.id)))
 
     def iso(t: datetime | None) -> str | None:
         return t.isoformat() if t else None
@@ -739,4 +749,5 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
 
 def counts_by_state(session: Session) -> dict[str, int]:
     """How many returns are in each state (the sweep's board)."""
-    return {str(s): int(n) for s, n in session.execute(select(Return.state, func.count()).group_by(Return.state))}
+    rows = session.execute(select(col(Return.state), func.count()).group_by(col(Return.state)))
+    return {str(s): int(n) for s, n in rows}

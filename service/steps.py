@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlmodel import col
@@ -71,8 +72,8 @@ class Pipeline:
     def lookup(self, order_number: str, idempotency_key: str) -> Decided | None:
         """The stored outcome of the request made for this order with this idempotency key, if any."""
         with unit_of_work(self.engine) as session:
-            ret = session.scalars(select(Return).where(Return.order_number == order_number,
-                                                       Return.idempotency_key == idempotency_key)).first()
+            ret = session.scalars(select(Return).where(col(Return.order_number) == order_number,
+                                                       col(Return.idempotency_key) == idempotency_key)).first()
             return None if ret is None else svc.decided(ret, replayed=True)
 
     def render_label(self, rma: str) -> str | None:
@@ -184,7 +185,7 @@ class Pipeline:
     def missing_labels(self) -> list[str]:
         """Authorized RMAs whose label file is not on disk (a crash between commit and render)."""
         with unit_of_work(self.engine) as session:
-            rmas = session.scalars(select(Return.rma).where(Return.state == State.AUTHORIZED)).all()
+            rmas = session.scalars(select(col(Return.rma)).where(col(Return.state) == State.AUTHORIZED)).all()
         return [r for r in rmas if r and not label_path(self.settings.label_dir, r).exists()]
 
     def relay(self, now: datetime, return_id: int | None = None) -> RelayReport:
@@ -202,7 +203,7 @@ class Pipeline:
             assert ret.id is not None
             return ret.id
 
-    def show(self, rma: str, now: datetime) -> dict[str, object]:
+    def show(self, rma: str, now: datetime) -> dict[str, Any]:
         """Everything an operator needs about one return, as JSON (the read model of the edges)."""
         with unit_of_work(self.engine) as session:
             return svc.show(session, rma, now, self.policy)
@@ -214,9 +215,9 @@ class Pipeline:
             assert ret.rma is not None
             if ret.state is not State.COMPLETED:
                 return Moved.of(ret)
-            rows = session.execute(select(RefundAllocation.payment_id, RefundAllocation.amount_cents)
+            rows = session.execute(select(col(RefundAllocation.payment_id), col(RefundAllocation.amount_cents))
                                    .join(Refund, col(Refund.id) == RefundAllocation.refund_id)
-                                   .where(Refund.return_id == ret.id).order_by(col(RefundAllocation.id))).all()
+                                   .where(col(Refund.return_id) == ret.id).order_by(col(RefundAllocation.id))).all()
         from models.money import from_cents
         from models.policy import Allocation
 
@@ -226,7 +227,7 @@ class Pipeline:
     def made_in_run(self, return_id: int, flow_run_id: str) -> bool:
         """Whether the flow run stored this return (its first audit row), rather than replayed it."""
         with unit_of_work(self.engine) as session:
-            first = session.scalars(select(Transition.flow_run_id).where(Transition.return_id == return_id)
+            first = session.scalars(select(col(Transition.flow_run_id)).where(col(Transition.return_id) == return_id)
                                     .order_by(col(Transition.id)).limit(1)).first()
         return first == flow_run_id
 
@@ -234,21 +235,22 @@ class Pipeline:
         """Whether this flow run completed the return."""
         with unit_of_work(self.engine) as session:
             ret = svc.load_return(session, rma)
-            return session.scalars(select(Transition.id).where(
-                Transition.return_id == ret.id, Transition.to_state == State.COMPLETED,
-                Transition.flow_run_id == flow_run_id)).first() is not None
+            return session.scalars(select(col(Transition.id)).where(
+                col(Transition.return_id) == ret.id, col(Transition.to_state) == State.COMPLETED,
+                col(Transition.flow_run_id) == flow_run_id)).first() is not None
 
     def emails_of(self, return_id: int) -> dict[str, int]:
         """How many of this return's messages are pending, sent and failed."""
         with unit_of_work(self.engine) as session:
-            rows = session.execute(select(OutboxMessage.status, func.count()).where(
-                OutboxMessage.return_id == return_id).group_by(OutboxMessage.status)).all()
+            rows = session.execute(select(col(OutboxMessage.status), func.count()).where(
+                col(OutboxMessage.return_id) == return_id).group_by(col(OutboxMessage.status))).all()
         return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
 
     def outbox_counts(self) -> dict[str, int]:
         """How many outbox rows are pending, sent and failed."""
         with unit_of_work(self.engine) as session:
-            rows = session.execute(select(OutboxMessage.status, func.count()).group_by(OutboxMessage.status)).all()
+            rows = session.execute(select(col(OutboxMessage.status), func.count())
+                                   .group_by(col(OutboxMessage.status))).all()
         return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
 
     def board(self, as_of: datetime) -> Board:
@@ -256,7 +258,7 @@ class Pipeline:
         with unit_of_work(self.engine) as session:
             counts = svc.counts_by_state(session)
             plan = svc.sweep_candidates(session, as_of, self.policy)
-            open_clock = session.execute(select(Return.rma, Return.deadline_at).where(
+            open_clock = session.execute(select(col(Return.rma), col(Return.deadline_at)).where(
                 col(Return.state).in_(OPEN_CLOCK), col(Return.deadline_at).is_not(None))).all()
         flags = {rma: deadline_flag(self.policy, deadline, as_of) for rma, deadline in open_clock}
         return Board(as_of=as_of, counts=counts,

@@ -66,7 +66,7 @@ def publish_return(pipeline: Pipeline, rma: str, flow_run_id: str | None = None)
     create_markdown_artifact(key=artifact_key(rma), markdown=return_markdown(shown),
                              description=f"Return {rma} for order {shown['order_number']}")
     resource = {"prefect.resource.id": f"returns.rma.{rma}", "prefect.resource.name": rma,
-                "returns.order": shown["order_number"]}
+                "returns.order": str(shown["order_number"])}
     for i, t in enumerate(shown["timeline"]):
         if flow_run_id and t["flow_run_id"] != flow_run_id:
             continue

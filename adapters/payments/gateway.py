@@ -7,6 +7,7 @@ from typing import Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import col
 
 from adapters.crashpoints import crash_point
 from adapters.db import unit_of_work
@@ -46,4 +47,5 @@ class LedgerGateway:
 
     def _find(self, key: str) -> GatewaySettlement | None:
         with unit_of_work(self.engine) as session:
-            return session.scalars(select(GatewaySettlement).where(GatewaySettlement.idempotency_key == key)).first()
+            query = select(GatewaySettlement).where(col(GatewaySettlement.idempotency_key) == key)
+            return session.scalars(query).first()
