@@ -15,6 +15,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from models.errors import InvalidInput
@@ -82,6 +83,18 @@ class PaymentIn(Strict):
     amount: Money
     last4: Annotated[str, StringConstraints(pattern=r"^\d{4}$")] | None = None
     captured_at: AwareDatetime
+    # Who captured the payment and its id there (Stripe payment intent or charge, PayPal capture, Afterpay
+    # order); both absent means the ledger.
+    provider: Literal["stripe", "paypal", "afterpay", "ledger"] | None = None
+    reference: Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                                pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
+
+    @model_validator(mode="after")
+    def _reference_with_its_provider(self) -> PaymentIn:
+        """A provider refunds by its own reference: one without the other cannot be refunded."""
+        if (self.provider not in (None, "ledger")) != (self.reference is not None):
+            raise ValueError("a payment's provider (stripe, paypal, afterpay) and reference come together")
+        return self
 
 
 class OrderIn(Strict):

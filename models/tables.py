@@ -120,6 +120,8 @@ class Payment(SQLModel, table=True):
     refunded_cents: int = 0
     last4: str | None = Field(default=None, max_length=4)
     captured_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    provider: str = Field(default="ledger", max_length=20)  # who captured it and so refunds it
+    reference: str | None = Field(default=None, max_length=128)  # the provider's id for the captured payment
 
 
 class Return(SQLModel, table=True):

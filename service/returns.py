@@ -113,7 +113,8 @@ def import_data(session: Session, data: ImportIn) -> ImportReport:
         for seq, pay in enumerate(o.payments, start=1):
             session.add(Payment(order_number=o.number, seq=seq, method=pay.method,
                                 amount_cents=to_cents(parse_amount(pay.amount, "amount")), last4=pay.last4,
-                                captured_at=pay.captured_at))
+                                captured_at=pay.captured_at, provider=pay.provider or "ledger",
+                                reference=pay.reference))
         report.orders_added += 1
         session.flush()
     return report
