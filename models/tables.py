@@ -220,6 +220,29 @@ class GatewaySettlement(SQLModel, table=True):
     settled_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
+class ProviderRefund(SQLModel, table=True):
+    """A refund asked of a payment provider, one row per attempt: its reference and the status it last reported.
+
+    The provider is the book here; this row is our memory of it, so a retry asks about the refund instead of
+    paying again, and a pending refund is asked about until it settles."""
+
+    __tablename__ = "provider_refunds"
+    __table_args__ = (UniqueConstraint("return_id", "payment_id", "attempt"),)
+    id: int | None = Field(default=None, primary_key=True)
+    return_id: int = Field(foreign_key="returns.id", index=True)
+    payment_id: int = Field(foreign_key="payments.id", index=True)
+    attempt: int = 1  # a new attempt only after a person looked at a failed one
+    idempotency_key: str = Field(unique=True, max_length=96)
+    provider: str = Field(max_length=20)
+    provider_ref: str | None = Field(default=None, max_length=80)  # None: refused before the provider made one
+    amount_cents: int
+    status: str = Field(max_length=20)  # pending | succeeded | failed | canceled | requires_action
+    failure_reason: str | None = Field(default=None, sa_column=Column(Text))
+    reviews_seen: int = 0  # operator authorizations of the return when this attempt was made
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class OutboxMessage(SQLModel, table=True):
     """Transactional outbox: written with the state change that causes it; the relay delivers it."""
 

@@ -70,10 +70,13 @@ class PlannedRefund:
 
 @dataclass(frozen=True)
 class Payout:
-    """A plan and what the gateway answered for each of its payments; handed on to completion, not recomputed."""
+    """A plan and what the gateway answered for each of its payments; handed on to completion, not recomputed.
+    Completion needs every payment paid: a provider may still be `waiting` on some, or report `failures`."""
 
     plan: PlannedRefund
     references: Mapping[int, str]
+    waiting: tuple[str, ...] = ()  # provider references of refunds still pending
+    failures: tuple[str, ...] = ()  # the providers' reasons, for the operator the return is parked for
 
 
 @dataclass(frozen=True)

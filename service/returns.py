@@ -35,6 +35,7 @@ from models.tables import (
     Transition,
 )
 from service.outbox import enqueue
+from service.refunds import refunded_elsewhere
 from service.results import Decided, PlannedRefund, SweepPlan
 
 # States whose lines still hold units of the order line (R11): open returns and completed ones.
@@ -533,8 +534,10 @@ def plan_refund(session: Session, ret: Return, policy: Policy) -> PlannedRefund:
         .where(col(GatewaySettlement.payment_id).in_([p.id for p in rows]),
                ~col(GatewaySettlement.idempotency_key).startswith(f"refund:{ret.rma}:"))
         .group_by(col(GatewaySettlement.payment_id))).all())
+    at_providers = refunded_elsewhere(session, _id(ret), [_id(p) for p in rows])
     payments = [pol.PaymentFacts(p.id or 0, p.method, p.last4, from_cents(p.amount_cents),
-                                 from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)))), p.captured_at)
+                                 from_cents(max(p.refunded_cents, int(paid_elsewhere.get(p.id, 0)),
+                                                at_providers.get(p.id or 0, 0))), p.captured_at)
                 for p in rows]
     assert ret.id is not None
     return PlannedRefund(ret.rma, ret.id, settlement, pol.allocate_refund(settlement.refund_total, payments))

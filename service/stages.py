@@ -54,9 +54,16 @@ def after_request(steps: Steps, request: ReturnRequestIn, actor: Actor = API) ->
     return decided
 
 
-def _refund(steps: Steps, rma: str, actor: Actor) -> Completed:
-    """pay the refund -> complete with the 'processed' email (the return is claimed); the plan is made once."""
-    return steps.complete(steps.pay_refund(rma), actor)
+def _refund(steps: Steps, rma: str, actor: Actor) -> Completed | Moved:
+    """pay the refund -> complete with the 'processed' email (the return is claimed); the plan is made once. A
+    refund a provider holds pending leaves the return processing (the sweep asks again); a failed one parks it."""
+    payout = steps.pay_refund(rma)
+    if payout.failures:
+        steps.park(rma, "; ".join(payout.failures), actor)
+        return Moved(rma, State.REVIEW)
+    if payout.waiting:
+        return Moved(rma, State.PROCESSING)
+    return steps.complete(payout, actor)
 
 
 def after_receipt(steps: Steps, receipt: ReceiptIn) -> Moved | Completed:
@@ -70,7 +77,7 @@ def after_receipt(steps: Steps, receipt: ReceiptIn) -> Moved | Completed:
     return out
 
 
-def process(steps: Steps, rma: str, actor: Actor) -> Completed | None:
+def process(steps: Steps, rma: str, actor: Actor) -> Completed | Moved | None:
     """Refund (or ship the replacement / exchange) a received return, then the 'processed' email; None if it is
     not (or no longer) waiting to be processed."""
     out = _refund(steps, rma, actor) if steps.claim(rma, actor) else None
@@ -101,7 +108,7 @@ def redrive(steps: Steps, rma: str) -> bool:
     """Process a return the sweep found stuck. A permanent failure (the gateway refused the refund) parks it in
     review for an operator instead of failing the sweep for every return behind it, hour after hour."""
     try:
-        return process(steps, rma, SWEEP) is not None
+        return isinstance(process(steps, rma, SWEEP), Completed)  # not a refund still pending
     except StaleState:
         return False  # another worker got there first
     except PermanentError as exc:

@@ -18,6 +18,7 @@ from adapters.crashpoints import crash_point
 from adapters.db import engine_for, unit_of_work
 from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 from adapters.payments.gateway import Gateway, LedgerGateway
+from adapters.payments.providers import Providers
 from models.errors import StaleState
 from models.money import to_cents
 from models.notices import OutboxStatus
@@ -25,6 +26,7 @@ from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
 from models.tables import Customer, Order, OutboxMessage, Refund, RefundAllocation, Return, Transition
+from service import refunds
 from service import returns as svc
 from service.relay import RelayReport, relay
 from service.results import Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
@@ -41,10 +43,13 @@ class Pipeline:
     engine: Engine
     policy: Policy = DEFAULT_POLICY
     gateway: Gateway = field(default=None)  # type: ignore[assignment]  # the ledger on `engine` unless given
+    providers: Providers = field(default=None)  # type: ignore[assignment]  # from the environment unless given
 
     def __post_init__(self) -> None:
         if self.gateway is None:
             self.gateway = LedgerGateway(self.engine)
+        if self.providers is None:
+            self.providers = Providers(self.engine)  # reads credentials only when a provider's payment is refunded
 
     @classmethod
     def from_env(cls) -> Pipeline:
@@ -128,13 +133,12 @@ class Pipeline:
             return svc.plan_refund(session, ret, self.policy)
 
     def pay(self, plan: PlannedRefund) -> Payout:
-        """Call the gateway per allocation with keys derived from the RMA: a retry never pays twice."""
+        """Pay each allocation through its payment's provider (the ledger through `gateway`) with keys derived from
+        the RMA: a retry never pays twice; a refund a provider holds pending is asked about, not paid again."""
         crash_point("process.before-pay")
-        paid = {a.payment_id: self.gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
-                                                  amount_cents=to_cents(a.amount))
-                for a in plan.allocations}
+        payout = refunds.pay(self.engine, self.gateway, self.providers, plan)
         crash_point("process.after-pay")
-        return Payout(plan, paid)
+        return payout
 
     def complete(self, payout: Payout, now: datetime, actor: Actor) -> Completed:
         """Record what the gateway paid and complete the return with its 'processed' email, in one transaction."""

@@ -1,8 +1,12 @@
-"""Payments through their providers in the pipeline: the import records who captured each payment, and existing
-databases migrate with their payments on the ledger."""
+"""Payments through their providers in the pipeline (SQLite and PostgreSQL, the providers' loopback fakes): the
+import records who captured each payment; a refund is paid at that provider once, a pending one completes when
+the sweep sees it succeed, a failed one waits in review for a person, and a pending one holds its payment's room."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +14,21 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from adapters.db import MIGRATIONS, engine_for, normalize_url, unit_of_work, upgrade
-from models.schemas import ImportIn, parse
-from models.tables import Payment
+from adapters.payments.providers import Providers
+from models.errors import TransientError
+from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
+from models.states import State
+from models.tables import OutboxMessage, Payment, ProviderRefund, Return, Transition
+from service import stages
+from service.results import Completed, Moved
+from service.returns import Actor
 from service.steps import Pipeline
+from tests import helpers
+from tests.fake_providers import FakeAfterpay, FakePayPal, FakeStripe, serve
+from tests.helpers import LATER, NOW
 
 CUSTOMER = {"account": "ACC-PAY", "name": "Pay Tester", "email": "pay@example.com",
             "address": {"line1": "1 A St", "city": "Lantana", "region": "FL", "postal_code": "33462",
@@ -72,3 +85,188 @@ def test_a_database_from_before_providers_keeps_its_payments_on_the_ledger(tmp_p
     with unit_of_work(engine_for(url)) as s:
         [row] = s.scalars(select(Payment)).all()
         assert (row.provider, row.reference) == ("ledger", None)
+
+
+# ---- refunds through the providers (the loopback fakes) ----------------------------------------------------------
+
+
+@dataclass
+class Shop:
+    """A pipeline whose providers are the loopback fakes, and the fakes."""
+
+    p: Pipeline
+    stripe: FakeStripe
+    paypal: FakePayPal
+    afterpay: FakeAfterpay
+
+
+@pytest.fixture
+def shop(pipeline: Pipeline) -> Iterator[Shop]:
+    fakes = FakeStripe(), FakePayPal(), FakeAfterpay()
+    with serve(fakes[0]) as s_url, serve(fakes[1]) as p_url, serve(fakes[2]) as a_url:
+        env = {"RETURNS_STRIPE_API_KEY": fakes[0].api_key, "RETURNS_STRIPE_API_BASE": s_url,
+               "RETURNS_PAYPAL_CLIENT_ID": "paypal-client", "RETURNS_PAYPAL_CLIENT_SECRET": "paypal-secret",
+               "RETURNS_PAYPAL_API_BASE": p_url, "RETURNS_AFTERPAY_MERCHANT_ID": "100101",
+               "RETURNS_AFTERPAY_SECRET_KEY": "afterpay-secret", "RETURNS_AFTERPAY_API_BASE": a_url}
+        providers = Providers(pipeline.engine, env=env, secrets=lambda name: None, timeout=2.0)
+        yield Shop(Pipeline(settings=pipeline.settings, engine=pipeline.engine, providers=providers), *fakes)
+
+
+def buy(shop: Shop, number: str, *payments: dict[str, Any]) -> None:
+    shop.p.import_data(parse(ImportIn, {"products": [PRODUCT], "customers": [CUSTOMER],
+                                        "orders": [order(number, *payments)]}))
+
+
+def ask_and_receive(shop: Shop, number: str, units: int = 1, at: datetime = LATER) -> tuple[str, Moved | Completed]:
+    """A return of `units` serums (P3: 53.50 each), authorized at NOW, received (and processed) at `at`."""
+    decided = stages.after_request(helpers.at(shop.p, NOW), parse(ReturnRequestIn, {
+        "order_number": number, "email": "pay@example.com", "reason": "unwanted",
+        "lines": [{"sku": "PAY-SERUM", "quantity": units}]}))
+    assert decided.rma_number and decided.authorized
+    receipt = parse(ReceiptIn, {"rma": decided.rma_number, "received_at": at.isoformat(), "by": "dock",
+                                "lines": [{"sku": "PAY-SERUM", "unopened": units}]})
+    return decided.rma_number, stages.after_receipt(helpers.at(shop.p, at), receipt)
+
+
+def state(shop: Shop, rma: str) -> str:
+    with unit_of_work(shop.p.engine) as s:
+        return str(s.scalars(select(Return.state).where(Return.rma == rma)).one())
+
+
+def attempts(shop: Shop, rma: str) -> list[tuple[int, str, str | None, int, str]]:
+    with unit_of_work(shop.p.engine) as s:
+        rid = s.scalars(select(Return.id).where(Return.rma == rma)).one()
+        return [(r.attempt, r.idempotency_key, r.provider_ref, r.amount_cents, r.status) for r in s.scalars(
+            select(ProviderRefund).where(ProviderRefund.return_id == rid).order_by(ProviderRefund.id))]
+
+
+def kinds(shop: Shop, rma: str) -> list[str]:
+    with unit_of_work(shop.p.engine) as s:
+        rid = s.scalars(select(Return.id).where(Return.rma == rma)).one()
+        return [str(m.kind) for m in s.scalars(select(OutboxMessage).where(OutboxMessage.return_id == rid)
+                                               .order_by(OutboxMessage.id))]
+
+
+def payment_ids(shop: Shop, number: str) -> list[int]:
+    with unit_of_work(shop.p.engine) as s:
+        return [int(i) for i in s.scalars(select(Payment.id).where(Payment.order_number == number)
+                                          .order_by(Payment.seq))]
+
+
+def test_a_stripe_payment_is_refunded_at_stripe_and_the_return_completes(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700)
+    buy(shop, "PAY-1", payment(provider="stripe", reference=ch.intent))
+    rma, out = ask_and_receive(shop, "PAY-1")
+    assert isinstance(out, Completed) and str(out.refund_total) == "53.50"
+    [pid] = payment_ids(shop, "PAY-1")
+    [refund] = shop.stripe.refunds.values()
+    assert (refund["amount"], refund["metadata"]["merchant_reference"]) == (5350, f"{rma}-{pid}")
+    assert shop.stripe.creates("/v1/refunds")[0].headers["idempotency-key"] == f"refund:{rma}:{pid}"
+    assert attempts(shop, rma) == [(1, f"refund:{rma}:{pid}", refund["id"], 5350, "succeeded")]
+    assert shop.p.show(rma, LATER)["payments_refunded"][0]["reference"] == refund["id"]
+    assert "processed" in kinds(shop, rma)
+
+
+def test_a_pending_refund_leaves_the_return_processing_until_the_sweep_sees_it_succeed(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700, refund_status="pending")
+    buy(shop, "PAY-2", payment(provider="stripe", reference=ch.intent))
+    rma, out = ask_and_receive(shop, "PAY-2")
+    assert isinstance(out, Moved) and out.state is State.PROCESSING and state(shop, rma) == "processing"
+    [(_, _, ref, _, status)] = attempts(shop, rma)
+    assert ref in shop.stripe.refunds and status == "pending" and "processed" not in kinds(shop, rma)
+    # Still pending when the sweep asks (after the claim's lease): still processing, nothing paid again.
+    assert helpers.sweep(shop.p, LATER + timedelta(minutes=20)).processed == []
+    assert state(shop, rma) == "processing" and len(shop.stripe.creates("/v1/refunds")) == 1
+    shop.stripe.settle(str(ref), "succeeded")
+    report = helpers.sweep(shop.p, LATER + timedelta(minutes=40))
+    assert report.processed == [rma] and state(shop, rma) == "completed" and "processed" in kinds(shop, rma)
+    assert len(shop.stripe.creates("/v1/refunds")) == 1 and shop.stripe.refunded(ch) == 5350
+    assert attempts(shop, rma)[0][4] == "succeeded"
+
+
+def test_a_failed_refund_waits_in_review_and_an_operators_retry_pays_once(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700, refund_status="pending")
+    buy(shop, "PAY-3", payment(provider="stripe", reference=ch.intent))
+    rma, _ = ask_and_receive(shop, "PAY-3")
+    [(_, _, ref, _, _)] = attempts(shop, rma)
+    shop.stripe.settle(str(ref), "failed", "expired_or_canceled_card")
+    helpers.sweep(shop.p, LATER + timedelta(minutes=20))
+    assert state(shop, rma) == "review" and "review_needed" in kinds(shop, rma)
+    with unit_of_work(shop.p.engine) as s:
+        parked = s.scalars(select(Transition).where(Transition.to_state == State.REVIEW)
+                           .order_by(Transition.id.desc())).first()  # type: ignore[union-attr]
+        assert parked is not None and "expired_or_canceled_card" in str(parked.facts["error"])
+    assert shop.p.board(LATER + timedelta(minutes=21)).counts.get("review") == 1
+    # The sweep leaves it to a person: nothing is asked of Stripe again.
+    helpers.sweep(shop.p, LATER + timedelta(hours=2))
+    assert len(shop.stripe.creates("/v1/refunds")) == 1 and state(shop, rma) == "review"
+    # The customer updated the card; an operator authorizes: a new attempt under a new key, paid once.
+    ch.refund_status = "succeeded"
+    out = stages.after_review(helpers.at(shop.p, LATER + timedelta(hours=3)), rma, True, "card updated",
+                              Actor.operator("olga"))
+    assert isinstance(out, Completed) and state(shop, rma) == "completed"
+    [pid] = payment_ids(shop, "PAY-3")
+    assert [(a[0], a[1], a[4]) for a in attempts(shop, rma)] == [(1, f"refund:{rma}:{pid}", "failed"),
+                                                                 (2, f"refund:{rma}:{pid}:2", "succeeded")]
+    assert shop.stripe.refunded(ch) == 5350
+
+
+def test_a_refusal_parks_the_return_at_once_with_the_providers_reason(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700, refuse=(402, "card_error", "card_declined"))
+    buy(shop, "PAY-4", payment(provider="stripe", reference=ch.intent))
+    rma, out = ask_and_receive(shop, "PAY-4")
+    assert isinstance(out, Moved) and out.state is State.REVIEW and state(shop, rma) == "review"
+    [(_, _, ref, cents, status)] = attempts(shop, rma)
+    assert (ref, cents, status) == (None, 5350, "failed") and shop.stripe.refunds == {}
+    assert "review_needed" in kinds(shop, rma)
+
+
+def test_a_timeout_after_stripe_paid_is_retried_and_pays_once(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700)
+    buy(shop, "PAY-5", payment(provider="stripe", reference=ch.intent))
+    shop.stripe.faults.extend(["drop", "drop", "drop"])  # the SDK's own retries meet it too
+    with pytest.raises(TransientError):
+        ask_and_receive(shop, "PAY-5")
+    assert len(shop.stripe.refunds) == 1  # Stripe paid; we never heard
+    rma = next(iter(shop.stripe.refunds.values()))["metadata"]["merchant_reference"].rsplit("-", 1)[0]
+    assert state(shop, rma) == "processing" and attempts(shop, rma) == []
+    report = helpers.sweep(shop.p, LATER + timedelta(minutes=20))
+    assert report.processed == [rma] and shop.stripe.refunded(ch) == 5350 and len(shop.stripe.refunds) == 1
+
+
+def test_payments_at_two_providers_are_each_refunded_at_their_own(shop: Shop) -> None:
+    """R10 (most recent first) across providers: PayPal's 47.00 then Stripe's rest of 107.00."""
+    ch = shop.stripe.add_payment(6000)
+    cap = shop.paypal.add_capture(4700)
+    buy(shop, "PAY-6", payment("60.00", provider="stripe", reference=ch.intent),
+        payment("47.00", method="paypal", last4=None, provider="paypal", reference=cap.id,
+                captured_at="2026-11-05T10:01:00-05:00"))
+    rma, out = ask_and_receive(shop, "PAY-6", units=2)
+    assert isinstance(out, Completed) and str(out.refund_total) == "107.00"
+    assert (shop.paypal.refunded(cap), shop.stripe.refunded(ch)) == (4700, 6000)
+
+
+def test_an_afterpay_order_is_refunded_at_afterpay(shop: Shop) -> None:
+    order_ = shop.afterpay.add_order(10700)
+    buy(shop, "PAY-7", payment(method="afterpay", last4=None, provider="afterpay", reference=order_.id))
+    rma, out = ask_and_receive(shop, "PAY-7")
+    assert isinstance(out, Completed)
+    assert [r["amount"]["amount"] for r in order_.refunds] == ["53.50"]
+
+
+def test_a_pending_refund_holds_its_payments_room_against_other_returns(shop: Shop) -> None:
+    """Two payments, most recent first (R10): a pending refund on the newer one must count, or a second return
+    would be allocated to it as well and the two together would exceed what it captured."""
+    older = shop.stripe.add_payment(5350)
+    newer = shop.stripe.add_payment(5350, refund_status="pending")
+    buy(shop, "PAY-8", payment("53.50", provider="stripe", reference=older.intent),
+        payment("53.50", provider="stripe", reference=newer.intent, captured_at="2026-11-05T10:01:00-05:00"))
+    first, _ = ask_and_receive(shop, "PAY-8")
+    assert shop.stripe.refunded(newer) == 5350
+    second, out = ask_and_receive(shop, "PAY-8")
+    assert isinstance(out, Moved) and out.state is State.RECEIVED  # waits while the first is being processed
+    with unit_of_work(shop.p.engine) as s:  # as if a worker took it anyway: the plan must skip the newer payment
+        s.execute(update(Return).where(Return.rma == second).values(state=State.PROCESSING))
+    [alloc] = shop.p.plan_refund(second).allocations
+    assert alloc.payment_id == payment_ids(shop, "PAY-8")[0]
+

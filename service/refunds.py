@@ -1,0 +1,125 @@
+"""Paying a planned refund through the provider that captured each payment (the ledger through the gateway).
+
+A refund asked of a provider is recorded per attempt (`ProviderRefund`): a retry asks about it instead of paying
+again, a pending one is asked about until it settles, and a failed one gets a new attempt (a new key) only after
+a person authorized the return again.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from adapters.crashpoints import crash_point
+from adapters.db import unit_of_work
+from adapters.payments.base import (
+    ProviderPayment,
+    ProviderRefused,
+    RefundResult,
+    RefundStatus,
+    check_amount,
+)
+from adapters.payments.gateway import Gateway
+from adapters.payments.providers import LEDGER, Providers
+from models.money import to_cents
+from models.policy import Allocation
+from models.states import State
+from models.tables import Payment, ProviderRefund, Return, Transition
+from service.results import Payout, PlannedRefund
+
+GONE = (RefundStatus.FAILED, RefundStatus.CANCELED)  # the provider gave the money back: no room used
+
+
+def pay(engine: Engine, gateway: Gateway, providers: Providers, plan: PlannedRefund) -> Payout:
+    """Each allocation through its payment's provider; what settled, what is still pending and what failed."""
+    with unit_of_work(engine) as session:
+        provider_of = dict(session.execute(select(Payment.id, Payment.provider).where(
+            col(Payment.id).in_([a.payment_id for a in plan.allocations]))).all())
+    paid: dict[int, str] = {}
+    waiting: list[str] = []
+    failures: list[str] = []
+    for a in plan.allocations:
+        if provider_of.get(a.payment_id, LEDGER) == LEDGER:
+            paid[a.payment_id] = gateway.refund(key=plan.key(a.payment_id), payment_id=a.payment_id,
+                                                amount_cents=to_cents(a.amount))
+            continue
+        result = _through_provider(engine, providers, plan, a)
+        if result.status is RefundStatus.SUCCEEDED:
+            assert result.provider_ref
+            paid[a.payment_id] = result.provider_ref
+        elif result.status in GONE:
+            failures.append(f"the {provider_of[a.payment_id]} refund {result.provider_ref or ''} of payment "
+                            f"{a.payment_id} {result.status}: {result.failure_reason or 'no reason given'}"
+                            .replace("  ", " "))
+        else:
+            waiting.append(result.provider_ref)
+    return Payout(plan, paid, waiting=tuple(waiting), failures=tuple(failures))
+
+
+def refunded_elsewhere(session: Session, return_id: int | None, payment_ids: list[int | None]) -> dict[int, int]:
+    """Per payment, what providers refunded or are refunding for other returns (failed and canceled ones gave the
+    money back): a pending refund uses up its payment's room before its return completes."""
+    rows = session.execute(
+        select(ProviderRefund.payment_id, func.sum(ProviderRefund.amount_cents))
+        .where(col(ProviderRefund.payment_id).in_(payment_ids), ProviderRefund.return_id != return_id,
+               col(ProviderRefund.status).not_in([str(s) for s in GONE]))
+        .group_by(ProviderRefund.payment_id)).all()
+    return {int(pid): int(cents) for pid, cents in rows}
+
+
+def _through_provider(engine: Engine, providers: Providers, plan: PlannedRefund, alloc: Allocation) -> RefundResult:
+    cents = to_cents(alloc.amount)
+    with unit_of_work(engine) as session:
+        ret = session.scalars(select(Return).where(Return.rma == plan.rma)).one()
+        payment = session.get(Payment, alloc.payment_id)
+        assert payment is not None and ret.id is not None
+        latest = session.scalars(select(ProviderRefund).where(
+            ProviderRefund.return_id == ret.id, ProviderRefund.payment_id == payment.id)
+            .order_by(col(ProviderRefund.attempt).desc()).limit(1)).first()
+        reviews = session.scalar(select(func.count()).select_from(Transition).where(
+            Transition.return_id == ret.id, Transition.from_state == State.REVIEW,
+            Transition.to_state == State.PROCESSING)) or 0
+        target = ProviderPayment(payment.id or 0, payment.provider, payment.reference or "")
+        return_id = ret.id
+    adapter = providers.adapter(target.provider)
+    if latest is not None:
+        status = RefundStatus(latest.status)
+        key = latest.idempotency_key
+        if status not in GONE or latest.reviews_seen >= reviews:
+            # Asked before: ask about that refund (a pending one may have settled), never pay it again. A failed one
+            # stays failed until a person authorized the return again.
+            if status.final or latest.provider_ref is None:
+                return RefundResult(latest.provider_ref or "", status, latest.amount_cents, latest.failure_reason)
+            result = check_amount(adapter.get_refund(latest.provider_ref), cents, key)
+            _record(engine, latest.id, result)
+            return result
+    attempt = 1 if latest is None else latest.attempt + 1
+    key = plan.key(target.payment_id) + ("" if attempt == 1 else f":{attempt}")
+    reference = f"{plan.rma}-{target.payment_id}" + ("" if attempt == 1 else f"-{attempt}")
+    try:
+        result = adapter.refund(target, cents, key, reference, f"Return {plan.rma}")
+    except ProviderRefused as exc:
+        # Recorded as a failed attempt: Stripe replays a refusal under its key, so a retry after a person looked
+        # needs the next attempt's key.
+        result = RefundResult("", RefundStatus.FAILED, cents, str(exc))
+    crash_point("provider.after-refund")
+    row = ProviderRefund(return_id=return_id, payment_id=target.payment_id, attempt=attempt, idempotency_key=key,
+                         provider=target.provider, provider_ref=result.provider_ref or None, amount_cents=cents,
+                         status=str(result.status), failure_reason=result.failure_reason, reviews_seen=reviews,
+                         created_at=datetime.now(UTC), updated_at=datetime.now(UTC))
+    try:
+        with unit_of_work(engine) as session:
+            session.add(row)
+    except IntegrityError:
+        pass  # a concurrent retry recorded the same attempt: the provider made one refund for both (same key)
+    return result
+
+
+def _record(engine: Engine, row_id: int | None, result: RefundResult) -> None:
+    with unit_of_work(engine) as session:
+        session.execute(update(ProviderRefund).where(col(ProviderRefund.id) == row_id).values(
+            status=str(result.status), failure_reason=result.failure_reason, updated_at=datetime.now(UTC))
+            .execution_options(synchronize_session=False))
