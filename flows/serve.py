@@ -60,6 +60,9 @@ def deployment_specs() -> list[DeploymentSpec]:
                        cron="0 * * * *", concurrency_limit=1),
         DeploymentSpec("every-minute", f.outbox_relay, "Deliver pending emails from the outbox.",
                        interval_seconds=60, concurrency_limit=1),
+        DeploymentSpec("daily", f.refund_reconciliation,
+                       "Compare recorded refunds with the payment providers' records; differences as a table.",
+                       cron="30 6 * * *", concurrency_limit=1),
     ]
 
 

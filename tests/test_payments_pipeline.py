@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.states import State
 from models.tables import OutboxMessage, Payment, ProviderRefund, Return, Transition
 from service import stages
+from service.reconcile import reconcile
 from service.results import Completed, Moved
 from service.returns import Actor
 from service.steps import Pipeline
@@ -270,3 +271,43 @@ def test_a_pending_refund_holds_its_payments_room_against_other_returns(shop: Sh
     [alloc] = shop.p.plan_refund(second).allocations
     assert alloc.payment_id == payment_ids(shop, "PAY-8")[0]
 
+
+# ---- reconciliation ----------------------------------------------------------------------------------------------
+
+
+def period() -> tuple[datetime, datetime]:
+    """The period around now: provider refunds are recorded at the machine's time, not the sample's."""
+    now = datetime.now(UTC)
+    return now - timedelta(days=1), now + timedelta(minutes=1)
+
+
+def test_reconciliation_finds_nothing_when_both_sides_agree_and_each_kind_of_difference_when_not(shop: Shop) -> None:
+    ch = shop.stripe.add_payment(10700)
+    cap = shop.paypal.add_capture(10700)
+    buy(shop, "PAY-R1", payment(provider="stripe", reference=ch.intent))
+    buy(shop, "PAY-R2", payment(method="paypal", last4=None, provider="paypal", reference=cap.id))
+    buy(shop, "PAY-R3", payment())  # the ledger: ours alone, nothing to compare
+    ask_and_receive(shop, "PAY-R1", units=1)
+    ask_and_receive(shop, "PAY-R1", units=1, at=LATER + timedelta(hours=1))
+    ask_and_receive(shop, "PAY-R2")
+    ask_and_receive(shop, "PAY-R3")
+    before = helpers.row_counts(shop.p)
+    assert reconcile(shop.p.engine, shop.p.providers, *period()) == []
+    stripe_refs = sorted(shop.stripe.refunds)
+    [paypal_ref] = shop.paypal.refunds
+    shop.stripe.refunds[stripe_refs[0]]["amount"] = 5000  # amount differs
+    del shop.stripe.refunds[stripe_refs[1]]  # missing at the provider
+    shop.stripe.refunds["re_dashboard"] = {"id": "re_dashboard", "object": "refund", "amount": 100,
+                                           "charge": ch.charge, "payment_intent": ch.intent,
+                                           "status": "succeeded", "metadata": {}}  # made at Stripe, not by us
+    shop.paypal.settle(paypal_ref, "CANCELLED")  # status differs
+    found = {(d.provider, d.provider_ref, d.difference, d.ours, d.theirs)
+             for d in reconcile(shop.p.engine, shop.p.providers, *period())}
+    assert found == {("stripe", stripe_refs[0], "amount differs", "5350", "5000"),
+                     ("stripe", stripe_refs[1], "missing at provider", "5350 succeeded", "-"),
+                     ("stripe", "re_dashboard", "missing in our records", "-", "100 succeeded"),
+                     ("paypal", paypal_ref, "status differs", "succeeded", "canceled")}
+    assert helpers.row_counts(shop.p) == before  # it writes nothing
+    # Outside the period nothing is compared.
+    assert reconcile(shop.p.engine, shop.p.providers, period()[0] - timedelta(days=5),
+                     period()[0] - timedelta(days=4)) == []
