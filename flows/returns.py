@@ -10,7 +10,6 @@ from prefect.artifacts import create_table_artifact
 from pydantic import AwareDatetime
 
 from adapters.clock import utcnow
-from flows.reconcile import refund_reconciliation  # noqa: F401  (its deployment's entrypoint is this module)
 from models.policy import Reason, Resolution
 from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
 from service import stages

@@ -49,6 +49,7 @@ class DeploymentSpec:
 
 def deployment_specs() -> list[DeploymentSpec]:
     from flows import returns as f
+    from flows.reconcile import refund_reconciliation
 
     return [
         DeploymentSpec("storefront", f.request_return, "API entry point: a storefront asks for a return (P1-P6)."),
@@ -60,7 +61,7 @@ def deployment_specs() -> list[DeploymentSpec]:
                        cron="0 * * * *", concurrency_limit=1),
         DeploymentSpec("every-minute", f.outbox_relay, "Deliver pending emails from the outbox.",
                        interval_seconds=60, concurrency_limit=1),
-        DeploymentSpec("daily", f.refund_reconciliation,
+        DeploymentSpec("daily", refund_reconciliation,
                        "Compare recorded refunds with the payment providers' records; differences as a table.",
                        cron="30 6 * * *", concurrency_limit=1),
     ]

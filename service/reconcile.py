@@ -37,10 +37,11 @@ class Difference:
 def reconcile(engine: Engine, providers: Providers, since: datetime, until: datetime) -> list[Difference]:
     """Differences for every payment with a provider refund recorded in [since, until)."""
     with unit_of_work(engine) as session:
-        touched = set(session.scalars(select(ProviderRefund.payment_id).where(
+        touched = set(session.scalars(select(col(ProviderRefund.payment_id)).where(
             col(ProviderRefund.created_at) >= since, col(ProviderRefund.created_at) < until)))
         payments = [ProviderPayment(p.id or 0, p.provider, p.reference or "") for p in session.scalars(
-            select(Payment).where(col(Payment.id).in_(touched), Payment.provider != LEDGER).order_by(Payment.id))]
+            select(Payment).where(col(Payment.id).in_(touched), col(Payment.provider) != LEDGER)
+            .order_by(col(Payment.id)))]
         recorded: dict[int, dict[str, tuple[int, str]]] = defaultdict(dict)
         for r in session.scalars(select(ProviderRefund).where(col(ProviderRefund.payment_id).in_(touched),
                                                               col(ProviderRefund.provider_ref).is_not(None))):

@@ -36,7 +36,7 @@ GONE = (RefundStatus.FAILED, RefundStatus.CANCELED)  # the provider gave the mon
 def pay(engine: Engine, gateway: Gateway, providers: Providers, plan: PlannedRefund) -> Payout:
     """Each allocation through its payment's provider; what settled, what is still pending and what failed."""
     with unit_of_work(engine) as session:
-        provider_of = dict(session.execute(select(Payment.id, Payment.provider).where(
+        provider_of = dict(session.execute(select(col(Payment.id), col(Payment.provider)).where(
             col(Payment.id).in_([a.payment_id for a in plan.allocations]))).all())
     paid: dict[int, str] = {}
     waiting: list[str] = []
@@ -63,25 +63,25 @@ def refunded_elsewhere(session: Session, return_id: int | None, payment_ids: lis
     """Per payment, what providers refunded or are refunding for other returns (failed and canceled ones gave the
     money back): a pending refund uses up its payment's room before its return completes."""
     rows = session.execute(
-        select(ProviderRefund.payment_id, func.sum(ProviderRefund.amount_cents))
-        .where(col(ProviderRefund.payment_id).in_(payment_ids), ProviderRefund.return_id != return_id,
+        select(col(ProviderRefund.payment_id), func.sum(ProviderRefund.amount_cents))
+        .where(col(ProviderRefund.payment_id).in_(payment_ids), col(ProviderRefund.return_id) != return_id,
                col(ProviderRefund.status).not_in([str(s) for s in GONE]))
-        .group_by(ProviderRefund.payment_id)).all()
+        .group_by(col(ProviderRefund.payment_id))).all()
     return {int(pid): int(cents) for pid, cents in rows}
 
 
 def _through_provider(engine: Engine, providers: Providers, plan: PlannedRefund, alloc: Allocation) -> RefundResult:
     cents = to_cents(alloc.amount)
     with unit_of_work(engine) as session:
-        ret = session.scalars(select(Return).where(Return.rma == plan.rma)).one()
+        ret = session.scalars(select(Return).where(col(Return.rma) == plan.rma)).one()
         payment = session.get(Payment, alloc.payment_id)
         assert payment is not None and ret.id is not None
         latest = session.scalars(select(ProviderRefund).where(
-            ProviderRefund.return_id == ret.id, ProviderRefund.payment_id == payment.id)
+            col(ProviderRefund.return_id) == ret.id, col(ProviderRefund.payment_id) == payment.id)
             .order_by(col(ProviderRefund.attempt).desc()).limit(1)).first()
         reviews = session.scalar(select(func.count()).select_from(Transition).where(
-            Transition.return_id == ret.id, Transition.from_state == State.REVIEW,
-            Transition.to_state == State.PROCESSING)) or 0
+            col(Transition.return_id) == ret.id, col(Transition.from_state) == State.REVIEW,
+            col(Transition.to_state) == State.PROCESSING)) or 0
         target = ProviderPayment(payment.id or 0, payment.provider, payment.reference or "")
         return_id = ret.id
     adapter = providers.adapter(target.provider)

@@ -20,7 +20,6 @@ from adapters.label.layout import LabelData, LabelLine, label_path, render_label
 from adapters.payments.gateway import Gateway, LedgerGateway
 from adapters.payments.providers import Providers
 from models.errors import StaleState
-from models.money import to_cents
 from models.notices import OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn

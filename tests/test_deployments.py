@@ -18,7 +18,7 @@ PREFECT_YAML = ROOT / "prefect.yaml"
 
 
 def entrypoint(spec: DeploymentSpec) -> str:
-    return f"flows/returns.py:{spec.flow.fn.__name__}"
+    return f"{spec.flow.fn.__module__.replace('.', '/')}.py:{spec.flow.fn.__name__}"
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,9 @@ def test_the_same_deployments_by_name_and_entrypoint(declared: dict[Any, Any], s
 
 
 def test_every_entrypoint_is_the_flow_the_server_serves(declared: dict[Any, Any], specs: dict[Any, Any]) -> None:
-    module = importlib.import_module("flows.returns")
     for path, function in (key[0].split(":") for key in declared):
         assert (ROOT / path).is_file(), path
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert isinstance(getattr(module, function), Flow), function
     served = {id(s.flow) for s in specs.values()}
     flows = [name for name, obj in vars(module).items() if isinstance(obj, Flow)]
