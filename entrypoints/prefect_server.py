@@ -1,0 +1,116 @@
+"""The Prefect processes our entry points start: a local `prefect server`, `prefect deploy --all`, a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PREFECT_PORT = int(os.environ.get("RETURNS_PREFECT_PORT", "4200"))
+ROOT = Path(__file__).resolve().parent.parent  # where prefect.yaml and the entrypoints it names live
+POOL = "returns"  # the work pool every deployment in prefect.yaml names
+IN_PROCESS = "returns-in-process"  # the worker type of entrypoints/worker.py
+
+
+def api_healthy(api_url: str, timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def prefect_env(home: Path, port: int = PREFECT_PORT) -> dict[str, str]:
+    """The environment for a local Prefect server and its clients: loopback only, no telemetry."""
+    api = f"http://127.0.0.1:{port}/api"
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+
+
+def start_server(home: Path, port: int = PREFECT_PORT, timeout: float = 90.0) -> subprocess.Popen[bytes]:
+    """Start `prefect server start` on 127.0.0.1 and wait for /api/health; its log goes under `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | prefect_env(home, port)
+    logfile = open(home / "server.log", "ab")  # noqa: SIM115 - the server outlives this function
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    api = env["PREFECT_API_URL"]
+    while time.monotonic() < deadline:
+        if api_healthy(api):
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode}; see {home / 'server.log'}")
+        time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError(f"the Prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def deploy_all(env: dict[str, str], log: Path, timeout: float = 300.0) -> None:
+    """`prefect --no-prompt deploy --all`: register every deployment of prefect.yaml, as an operator would."""
+    # Prefect has no public function that reads prefect.yaml and applies it (the CLI's are private), so the
+    # supported path is its command line; it resolves the entrypoints relative to the working directory.
+    with open(log, "ab") as out:
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT,
+                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    if done.returncode != 0:
+        tail = log.read_text("utf-8", "replace")[-2000:]
+        raise RuntimeError(f"`prefect deploy --all` exited with code {done.returncode}:\n{tail}")
+
+
+def start_worker(env: dict[str, str], log: Path, worker_type: str = IN_PROCESS, name: str | None = None,
+                 limit: int | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """`prefect worker start --pool returns --type TYPE` in its own session, logging to `log`."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", worker_type]
+    cmd += ["--name", name] if name else []
+    cmd += ["--limit", str(limit)] if limit else []
+    out = open(log, "ab")  # noqa: SIM115 - the worker outlives this function
+    # Its own session: a terminal's Ctrl-C reaches only our process, which then sends the worker one SIGTERM (a
+    # second signal makes Prefect's worker SIGKILL itself, crashing the runs in flight).
+    return subprocess.Popen(cmd, env=env, cwd=cwd or ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> int:
+    """SIGTERM (it stops polling; the in-process type finishes its runs in flight), SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the worker only, not its group: a process worker's runs live there
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+def drain_prefect_workers() -> None:
+    """Flush buffered logs and events to the API (before stopping a server, so nothing retries against it)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()

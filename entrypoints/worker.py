@@ -1,0 +1,197 @@
+"""The `returns-in-process` worker type: Prefect's worker, running each flow run on a thread of its own process."""
+
+# Started with `prefect worker start --pool returns --type returns-in-process` (found through the
+# `prefect.collections` entry point in pyproject.toml). Polling, the Pending claim, `--limit` and the pool's and
+# queues' concurrency limits, worker heartbeats, cancellation of runs not yet started, events and the Work Pools
+# page are Prefect's BaseWorker; this class only says how a claimed run executes: with Prefect's engine
+# (`run_flow`) on a thread, where ProcessWorker starts a subprocess per run (measured here: Pending -> Running
+# ~0.4 s in-process, ~7 s for the process worker on the same 2-core machine).
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import anyio
+import anyio.abc
+from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
+from prefect.states import Cancelled
+from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
+from pydantic import BaseModel, Field
+
+from adapters.redact import install_redaction
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun, State
+    from prefect.context import SettingsContext
+
+DEFAULT_LIMIT = 4  # flow-run threads when `--limit` is not given: threads share one process and one database
+
+
+class InProcessVariables(BaseModel):
+    """What a deployment may set for this worker type (env and command cannot apply to a thread)."""
+
+    name: str | None = Field(default=None, description="Name of the flow run's infrastructure in events.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels on the flow run's events.")
+
+
+class InProcessResult(BaseWorkerResult):
+    """How a flow run's thread ended: 0 once the engine has recorded a final state."""
+
+
+class _ThreadTimeoutNotice(logging.Filter):
+    """Drop Prefect's per-task notice that a timeout cannot interrupt a worker thread."""
+
+    # Every run here is on one, and the timeouts that bite are the I/O clients' own (SMTP 10 s, SQLite busy 30 s,
+    # PostgreSQL connect).
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout of")
+
+
+def _module_entrypoint(entrypoint: str) -> str:
+    """`flows/returns.py:request_return` as `flows.returns:request_return`; other forms unchanged."""
+    path, _, name = entrypoint.rpartition(":")
+    if path.endswith(".py") and not Path(path).is_absolute():
+        return f"{Path(path).with_suffix('').as_posix().replace('/', '.')}:{name}"
+    return entrypoint
+
+
+class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResult]):
+    type = "returns-in-process"
+    job_configuration = BaseJobConfiguration
+    job_configuration_variables = InProcessVariables  # type: ignore[assignment]
+    _description = ("Runs each flow run on a thread of the worker's own process with Prefect's engine: no "
+                    "subprocess per run. Code changes need a worker restart.")
+    _display_name = "Returns in-process"
+
+    @classmethod
+    def get_default_base_job_template(cls) -> dict[str, Any]:
+        template = super().get_default_base_job_template()
+        for key in ("command", "env"):  # a thread runs with the worker's environment and no command line
+            template["job_configuration"].pop(key)
+        return template
+
+    def __init__(self, *args: Any, limit: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, limit=limit or DEFAULT_LIMIT, **kwargs)
+        self._infrastructure = f"{socket.gethostname()}:{os.getpid()}"
+        self._flows: dict[tuple[UUID, str], Flow[..., Any]] = {}  # by deployment and its last update
+        self._loading = threading.Lock()  # Prefect's import_object is not thread safe
+        self._runs: dict[UUID, str] = {}  # claimed run -> "waiting" | "running" | "cancelled"
+        self._runs_lock = threading.Lock()
+        self._threads: anyio.CapacityLimiter | None = None
+        self._settings: SettingsContext | None = None
+
+    async def setup(self) -> None:
+        from prefect.context import SettingsContext, get_settings_context
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+        # Prefect ships run logs to its API and UI: no email addresses or phone numbers in them.
+        install_redaction()
+        logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
+        self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_LIMIT)
+        # Flow-run heartbeats cost ~1 s per run (the engine joins the heartbeat thread); the returns database,
+        # not the heartbeat, re-drives a crashed run (the sweep's lease). Built once: a settings copy costs
+        # ~50 ms, which `temporary_settings` would pay on every run.
+        current = get_settings_context()
+        quiet = current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        self._settings = SettingsContext(profile=current.profile, settings=quiet)
+        await super().setup()
+
+    async def teardown(self, *exc_info: Any) -> None:
+        await super().teardown(*exc_info)
+        from entrypoints.prefect_server import drain_prefect_workers
+
+        await anyio.to_thread.run_sync(drain_prefect_workers)
+
+    async def run(self, flow_run: FlowRun, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[int] | None = None) -> InProcessResult:
+        flow = await self._flow(flow_run, configuration)
+        result = InProcessResult(identifier=self._infrastructure, status_code=0)
+        with self._runs_lock:
+            self._runs[flow_run.id] = "waiting"
+        try:
+            if task_status is not None:
+                # The flow run's infrastructure_pid: which process holds it (kill_infrastructure reads it).
+                task_status.started(self._infrastructure)  # type: ignore[arg-type]
+            # anyio copies this task's context variables into the thread, and a cancelled worker (SIGTERM)
+            # waits for the thread rather than abandoning it: runs in flight finish.
+            state = await anyio.to_thread.run_sync(self._execute, flow, flow_run, limiter=self._threads)
+        finally:
+            with self._runs_lock:
+                held = self._runs.pop(flow_run.id, None)
+        if held == "cancelled":  # before its engine started: BaseWorker._cancel_run has marked it Cancelled
+            return result
+        if state is not None and state.is_cancelling():
+            # A thread cannot be interrupted (there is no process to signal, as ProcessWorker's cancellation
+            # does through prefect/runner/_cancellation_manager.py): the run went on to its next state change,
+            # which the server refused (core_policy.py EnforceCancellingToCancelledTransition), and it ends
+            # Cancelled here, as prefect/runner/_cancel_finalizer.py ends a process that was stopped.
+            await self.client.set_flow_run_state(flow_run.id, Cancelled(
+                message="Cancelled at its next state change: a flow run on a thread cannot be interrupted; "
+                        "the return's timeline shows what it did."))
+        return result.model_copy(update={"status_code": 0 if state is not None else 1})
+
+    async def _flow(self, flow_run: FlowRun, configuration: BaseJobConfiguration) -> Flow[..., Any]:
+        """The deployment's flow, imported once per deployment update."""
+        # Pull steps are not run: they place code for a fresh process, and `set_working_directory` would chdir
+        # this one under every other run (prefect/flows.py load_flow_from_flow_run, os.chdir). A run executes
+        # the code this worker imported, so the entrypoint is imported as a module (a script load would
+        # execute flows/returns.py a second time, beside `flows.returns`).
+        if flow_run.deployment_id is None:
+            raise ValueError("the in-process worker runs deployments' flow runs only")
+        key = (flow_run.deployment_id, configuration.labels.get("prefect.io/deployment-updated", ""))
+        if key not in self._flows:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            if not deployment.entrypoint:
+                raise ValueError(f"deployment {deployment.name!r} has no entrypoint")
+            self._flows[key] = await anyio.to_thread.run_sync(self._import, deployment.entrypoint)
+        return self._flows[key]
+
+    def _import(self, entrypoint: str) -> Flow[..., Any]:
+        from prefect.flows import load_flow_from_entrypoint
+
+        with self._loading:
+            return load_flow_from_entrypoint(_module_entrypoint(entrypoint), use_placeholder_flow=False)
+
+    def _execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
+        """Run the flow run with Prefect's engine on this thread; its final state (None if the engine raised)."""
+        from prefect.flow_engine import run_flow
+
+        with self._runs_lock:
+            if self._runs.get(flow_run.id) == "cancelled":
+                return None
+            self._runs[flow_run.id] = "running"
+        assert self._settings is not None
+        try:
+            with self._settings.model_copy():  # one context per thread: an entered one cannot be shared
+                # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's
+                # schema check lets through) then fails the run with a message naming it, instead of raising
+                # before the engine has a state to record it in (a process worker's run crashes there).
+                state = run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        except BaseException as exc:  # noqa: BLE001 - the engine has recorded what it could; keep serving others
+            self.get_flow_run_logger(flow_run).error("flow run ended with %s", type(exc).__name__)
+            return None
+        return state  # type: ignore[return-value]
+
+    async def kill_infrastructure(self, infrastructure_pid: str, configuration: BaseJobConfiguration,
+                                  grace_seconds: int = 30) -> None:
+        """Cancel a claimed run whose thread has not started the engine (BaseWorker asks only for those)."""
+        if infrastructure_pid != self._infrastructure:
+            # Every worker on the pool hears of a cancellation; only the one holding the run may answer for it.
+            raise InfrastructureNotAvailable(f"flow run held by worker process {infrastructure_pid}")
+        run_id = UUID(configuration.labels["prefect.io/flow-run-id"])
+        with self._runs_lock:
+            held = self._runs.get(run_id)
+            if held is None:
+                raise InfrastructureNotFound(f"flow run {run_id} is not running here")
+            if held == "running":
+                raise InfrastructureNotAvailable("a flow run on a thread cannot be interrupted; it is cancelled "
+                                                 "when its running stage finishes")
+            self._runs[run_id] = "cancelled"
