@@ -1,73 +1,50 @@
-"""Running against a Prefect server: start one if none answers, serve the deployments, trigger runs over HTTP."""
+"""Running against a Prefect server: start one if none answers, apply prefect.yaml, start the in-process worker."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from entrypoints.prefect_api import PrefectApi
-from flows.serve import (
+from entrypoints.prefect_server import (
+    IN_PROCESS,
+    POOL,
     PREFECT_PORT,
     api_healthy,
+    deploy_all,
     drain_prefect_workers,
     prefect_env,
-    serve,
     start_server,
+    start_worker,
     stop_server,
+    stop_worker,
 )
 from models.errors import TransientError
-from models.schemas import ReceiptIn, ReturnRequestIn
 
 
+@dataclass
 class PrefectDriver:
-    """The demo's (and the CLI's) way through Prefect: every stage is a run of its deployment."""
+    """The demo's (and the CLI's) way to Prefect: its API, the returns database, the UI, the worker serving both."""
 
-    def __init__(self, api: PrefectApi, pipeline: Any, ui_url: str, stop: threading.Event) -> None:
-        self.api, self.pipeline, self.ui_url, self._stop = api, pipeline, ui_url, stop
-        self._reported = 0
-
-    def request(self, req: ReturnRequestIn) -> dict[str, Any]:
-        params = req.model_dump(mode="json", exclude_none=True)
-        self.api.run("request-return/storefront", params, idempotency_key=req.idempotency_key)
-        assert req.idempotency_key is not None
-        out = self.pipeline.lookup(req.order_number, req.idempotency_key)
-        assert out is not None
-        return dict(out)
-
-    def review(self, rma: str, note: str) -> dict[str, Any]:
-        self.api.run("settle-review/operator", {"rma": rma, "authorize": True, "note": note, "by": "demo-operator"})
-        return {"state": self.pipeline.show(rma, datetime.now().astimezone())["state"]}
-
-    def receive(self, receipt: ReceiptIn) -> dict[str, Any]:
-        self.api.run("record-receipt/lantana-dock", receipt.model_dump(mode="json"))
-        shown = self.pipeline.show(receipt.rma, datetime.now().astimezone())
-        out = {"state": shown["state"]}
-        if shown["state"] == "completed":
-            out["refund_total"] = shown["refund_total"]
-        return out
-
-    def sweep(self, as_of: datetime) -> None:
-        self.api.run("deadline-sweep/hourly", {"as_of": as_of.isoformat()})
-
-    def relay(self) -> dict[str, int]:
-        """Run the relay deployment; report what was sent since the last report (the stage flows send too)."""
-        self.api.run("outbox-relay/every-minute", {})
-        counts = self.pipeline.outbox_counts()
-        sent, self._reported = counts["sent"] - self._reported, counts["sent"]
-        return {"sent": sent, "failed": counts["failed"]}
+    api: PrefectApi
+    pipeline: Any
+    ui_url: str
+    worker: subprocess.Popen[bytes]
 
     def wait_forever(self) -> None:
+        """Serve until Ctrl-C, SIGTERM or the worker's end."""
         try:
-            while not self._stop.is_set():
+            while self.worker.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
@@ -75,15 +52,16 @@ class PrefectDriver:
 
 @contextmanager
 def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[PrefectDriver]:
-    """A reachable Prefect server (PREFECT_API_URL, one on :4200, or one started here) serving our deployments."""
+    """A Prefect server (PREFECT_API_URL, :4200 or started here) with prefect.yaml applied and the worker serving it."""
+    # On exit the worker stops (its runs in flight finish), then any server started here.
     from service.steps import Pipeline
 
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{PREFECT_PORT}/api"
-    proc = None
+    server = None
     if not api_healthy(api_url):
         if os.environ.get("PREFECT_API_URL"):
             raise TransientError(f"the Prefect API at {api_url} does not answer")
-        proc = start_server(prefect_home)
+        server = start_server(prefect_home)
         os.environ.update(prefect_env(prefect_home))
     else:
         os.environ.setdefault("PREFECT_API_URL", api_url)
@@ -92,20 +70,29 @@ def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[Pref
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    stop = threading.Event()
-    server_thread = threading.Thread(target=serve, kwargs={"poll_seconds": poll_seconds, "until": stop.is_set},
-                                     name="returns-serve", daemon=True)
-    server_thread.start()
+    prefect_home.mkdir(parents=True, exist_ok=True)
     api = PrefectApi(api_url, os.environ.get("PREFECT_API_AUTH_STRING"))
+    worker = None
     try:
-        _wait_for_deployments(api)
-        yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), stop)
+        # The worker would create its pool too, but `prefect deploy` refuses a pool that does not exist yet:
+        # creating it first lets the worker start while prefect.yaml is applied.
+        api.create_work_pool(POOL, IN_PROCESS)
+        # A child process, not a thread here: it is the same `prefect worker start` an operator runs, with
+        # Prefect's own signal handling (SIGTERM: stop polling, finish the runs in flight), and our process
+        # stays a plain HTTP client of the API.
+        name = f"{IN_PROCESS}-{socket.gethostname()}-{os.getpid()}"
+        worker = start_worker(os.environ | {"PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds)},
+                              prefect_home / "worker.log", name=name)
+        deploy_all(dict(os.environ), prefect_home / "deploy.log")
+        _wait_for_worker(api, worker, name, prefect_home / "worker.log")
+        yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), worker)
     finally:
-        stop.set()
-        server_thread.join(timeout=30)
-        drain_prefect_workers()
-        if proc is not None:
-            stop_server(proc)
+        if worker is not None:
+            stop_worker(worker)
+        if "prefect" in sys.modules:  # only a process that imported Prefect has buffered logs or events
+            drain_prefect_workers()
+        if server is not None:
+            stop_server(server)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -114,12 +101,15 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _wait_for_deployments(api: PrefectApi, timeout: float = 60.0) -> None:
+def _wait_for_worker(api: PrefectApi, worker: subprocess.Popen[bytes], name: str, log: Path,
+                     timeout: float = 120.0) -> None:
+    """Until the worker has synced with the API (its first heartbeat); fail at once if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            api.deployment_id("outbox-relay/every-minute")
+        if worker.poll() is not None:
+            tail = log.read_text("utf-8", "replace")[-2000:]
+            raise TransientError(f"the {IN_PROCESS} worker exited with code {worker.returncode}:\n{tail}")
+        if name in api.worker_names(POOL):
             return
-        except httpx.HTTPStatusError:
-            time.sleep(0.2)
-    raise TransientError("the deployments were not registered in time")
+        time.sleep(0.2)
+    raise TransientError(f"the {IN_PROCESS} worker did not reach the Prefect API within {timeout:.0f} s")

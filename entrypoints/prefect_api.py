@@ -58,6 +58,20 @@ class PrefectApi:
             self._deployments[name] = r.json()["id"]
         return self._deployments[name]
 
+    def create_work_pool(self, name: str, worker_type: str) -> bool:
+        """Create the work pool unless it exists (its worker fills in its job template); whether it was made."""
+        r = self._call("POST", "/work_pools/", json={"name": name, "type": worker_type})
+        if r.status_code == 409:
+            return False
+        r.raise_for_status()
+        return True
+
+    def worker_names(self, pool: str) -> set[str]:
+        """The workers that have sent the pool a heartbeat."""
+        r = self._call("POST", f"/work_pools/{pool}/workers/filter", json={})
+        r.raise_for_status()
+        return {str(w["name"]) for w in r.json()}
+
     def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> str:
         """POST /deployments/{id}/create_flow_run; the same idempotency key returns the same run."""
         body: dict[str, Any] = {"parameters": parameters}
