@@ -192,6 +192,6 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
             if held is None:
                 raise InfrastructureNotFound(f"flow run {run_id} is not running here")
             if held == "running":
-                raise InfrastructureNotAvailable("a flow run on a thread cannot be interrupted; it is cancelled "
-                                                 "when its running stage finishes")
+                raise InfrastructureNotAvailable("a flow run on a thread cannot be interrupted; it ends Cancelled at "
+                                                 "its next state change")
             self._runs[run_id] = "cancelled"
