@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.measure import count_prefect_client_retries, iso, machine_busy, self_cpu, self_hwm_mb, stop_group, summary
+from bench.measure import count_prefect_client_retries, iso, machine_busy, self_cpu, self_hwm_mb, summary
 from bench.run import RECEIPT_DEPLOYMENT, REQUEST_DEPLOYMENT, Run
 from bench.workload import receipt_params, request_params
 
@@ -55,10 +56,10 @@ def floor(run: Run) -> None:
 def flows(run: Run) -> None:
     """The stage flows called in this process, each a flow run on the server with its task runs."""
     retries = count_prefect_client_retries()
-    from entrypoints.prefect_server import drain_prefect_workers
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from adapters.clock import utcnow
+    from entrypoints.prefect_server import drain_prefect_workers
     from flows.returns import record_receipt, request_return
     from models.schemas import ReceiptLineIn, RequestLineIn
 
@@ -173,13 +174,23 @@ def served(run: Run) -> None:
     run._settle(m0, t2)
     r["request_states"] = run._state_gaps(api, [q["id"] for q in requests])
     r["receipt_states"] = run._state_gaps(api, [q["id"] for q in receipts])
-    stop_group(run.worker, grace=30)  # SIGTERM: the worker lets runs in flight finish
+    from entrypoints.prefect_server import stop_worker
+
+    stop_worker(run.worker)  # SIGTERM: the worker lets runs in flight finish
     r["worker_rss_mb"] = run.monitor.peak_mb("worker")
 
 
 def start_worker(run: Run) -> subprocess.Popen[bytes]:
-    """`prefect.yaml` applied, then the in-process worker on the returns pool, in a process group of its own."""
-    raise NotImplementedError  # filled in with the worker type (entrypoints/worker.py)
+    """The returns pool, `prefect.yaml` applied, and the in-process worker on it, as the main command starts them."""
+    from entrypoints.prefect_api import PrefectApi
+    from entrypoints.prefect_server import IN_PROCESS, POOL, deploy_all
+    from entrypoints.prefect_server import start_worker as start
+
+    PrefectApi(run.api_url).create_work_pool(POOL, IN_PROCESS)
+    env = dict(os.environ) | {"PREFECT_WORKER_QUERY_SECONDS": str(run.spec.get("worker_poll", 0.1))}
+    worker = start(env, run.work / "worker.log", limit=run.spec.get("workers", 4))
+    deploy_all(env, run.work / "deploy.log")
+    return worker
 
 
 def _run_times(flow_run: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ MARKDOWN = "\n".join(f"| line {i} | {'x' * 40} | 12.34 |" for i in range(40))  #
 
 def measure(db: str, reps: int, work: Path, timeout: float) -> dict[str, Any]:
     """In a fresh process: start a server, time each operation `reps` times (batches of 10 inside a flow)."""
-    from flows.serve import prefect_env, start_server, stop_server
+    from entrypoints.prefect_server import prefect_env, start_server, stop_server
 
     deadline = Deadline(timeout)
     port = free_port()
@@ -65,7 +65,7 @@ def measure(db: str, reps: int, work: Path, timeout: float) -> dict[str, Any]:
         from prefect.events import emit_event
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-        from flows.serve import drain_prefect_workers
+        from entrypoints.prefect_server import drain_prefect_workers
         from tasks.returns import RETRY
 
         @task(name="noop", timeout_seconds=30, **RETRY)
@@ -160,7 +160,7 @@ def measure(db: str, reps: int, work: Path, timeout: float) -> dict[str, Any]:
     finally:
         mon.stop()
         try:
-            from flows.serve import drain_prefect_workers
+            from entrypoints.prefect_server import drain_prefect_workers
 
             drain_prefect_workers()
         except Exception:  # noqa: BLE001

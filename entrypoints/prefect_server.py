@@ -88,6 +88,9 @@ def start_worker(env: dict[str, str], log: Path, worker_type: str = IN_PROCESS, 
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", worker_type]
     cmd += ["--name", name] if name else []
     cmd += ["--limit", str(limit)] if limit else []
+    # A busy SQLite server answers 503; Prefect's client gives up after 5 retries and the worker then crashes the
+    # run it was submitting ("Failed to submit flow run"): give it the patience our own REST client has.
+    env = {"PREFECT_CLIENT_MAX_RETRIES": "12"} | env
     out = open(log, "ab")  # noqa: SIM115 - the worker outlives this function
     # Its own session: a terminal's Ctrl-C reaches only our process, which then sends the worker one SIGTERM (a
     # second signal makes Prefect's worker SIGKILL itself, crashing the runs in flight).

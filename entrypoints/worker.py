@@ -66,7 +66,7 @@ def _module_entrypoint(entrypoint: str) -> str:
 class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResult]):
     type = "returns-in-process"
     job_configuration = BaseJobConfiguration
-    job_configuration_variables = InProcessVariables  # type: ignore[assignment]
+    job_configuration_variables = InProcessVariables
     _description = ("Runs each flow run on a thread of the worker's own process with Prefect's engine: no "
                     "subprocess per run. Code changes need a worker restart.")
     _display_name = "Returns in-process"
@@ -79,7 +79,7 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         return template
 
     def __init__(self, *args: Any, limit: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, limit=limit or DEFAULT_LIMIT, **kwargs)
+        super().__init__(*args, limit=limit or DEFAULT_LIMIT, **kwargs)  # type: ignore[misc]  # *args are the name and pool
         self._infrastructure = f"{socket.gethostname()}:{os.getpid()}"
         self._flows: dict[tuple[UUID, str], Flow[..., Any]] = {}  # by deployment and its last update
         self._loading = threading.Lock()  # Prefect's import_object is not thread safe

@@ -446,7 +446,7 @@ def test_crash_and_resume_postgres(case: Case, tmp_path: Path, pg_url: str) -> N
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One real Prefect server for the module (an ephemeral API per subprocess would cost ~8 s each)."""
-    from flows.serve import prefect_env, start_server, stop_server
+    from entrypoints.prefect_server import prefect_env, start_server, stop_server
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()

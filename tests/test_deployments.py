@@ -39,20 +39,26 @@ def schedules(d: dict[str, Any]) -> list[dict[str, Any]]:
     return list(d.get("schedules") or [])
 
 
+def flow_at(entrypoint: str) -> Any:
+    """The object an entrypoint (`flows/x.py:name`) names."""
+    path, function = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+
+
 def test_every_entrypoint_is_a_flow_and_every_flow_has_a_deployment(declared: dict[Any, Any]) -> None:
-    module = importlib.import_module("flows.returns")
-    for path, function in (key[0].split(":") for key in declared):
-        assert (ROOT / path).is_file(), path
-        assert isinstance(getattr(module, function), Flow), function
-    flows = {name for name, obj in vars(module).items() if isinstance(obj, Flow)}
-    assert {key[0].split(":")[1] for key in declared} == flows, "a flow with no deployment"
+    for entrypoint, _ in declared:
+        assert (ROOT / entrypoint.split(":")[0]).is_file(), entrypoint
+        assert isinstance(flow_at(entrypoint), Flow), entrypoint
+    flows = {f"flows/{path.name}:{name}" for path in sorted((ROOT / "flows").glob("*.py"))
+             for name, obj in vars(importlib.import_module(f"flows.{path.stem}")).items()
+             if isinstance(obj, Flow) and obj.fn.__module__ == f"flows.{path.stem}"}
+    assert {key[0] for key in declared} == flows, "a flow with no deployment"
 
 
 def test_the_deployment_names_the_entry_points_use(declared: dict[Any, Any]) -> None:
     from entrypoints.verbs import DEPLOYMENTS
 
-    module = importlib.import_module("flows.returns")
-    registered = {f"{getattr(module, key[0].split(':')[1]).name}/{key[1]}" for key in declared}
+    registered = {f"{flow_at(key[0]).name}/{key[1]}" for key in declared}
     assert set(DEPLOYMENTS.values()) <= registered
 
 
@@ -70,14 +76,18 @@ def test_every_deployment_runs_on_the_returns_pool_from_the_checkout(doc: dict[s
     assert doc["prefect-version"] == importlib.import_module("prefect").__version__
 
 
-def test_the_sweep_runs_hourly_and_the_relay_every_minute_one_at_a_time(declared: dict[Any, Any]) -> None:
+def test_the_scheduled_deployments_run_one_at_a_time(declared: dict[Any, Any]) -> None:
     sweep = declared[("flows/returns.py:deadline_sweep", "hourly")]
     assert [(s.get("cron"), s.get("timezone")) for s in schedules(sweep)] == [("0 * * * *", "America/New_York")]
     relay = declared[("flows/returns.py:outbox_relay", "every-minute")]
     assert [float(s["interval"]) for s in schedules(relay)] == [60.0]
     assert (concurrency(sweep), concurrency(relay)) == (1, 1)
+    reconcile = declared[("flows/reconcile.py:refund_reconciliation", "daily")]
+    assert [(s.get("cron"), s.get("timezone")) for s in schedules(reconcile)] == [("30 6 * * *", "America/New_York")]
+    assert concurrency(reconcile) == 1
     scheduled = {key for key, d in declared.items() if schedules(d)}
     assert scheduled == {("flows/returns.py:deadline_sweep", "hourly"), ("flows/returns.py:outbox_relay",
-                                                                          "every-minute")}
+                                                                          "every-minute"),
+                         ("flows/reconcile.py:refund_reconciliation", "daily")}
     assert all(s.get("active", True) for d in declared.values() for s in schedules(d))
     assert all(concurrency(d) is None for key, d in declared.items() if key not in scheduled)
