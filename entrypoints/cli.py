@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--note", required=True)
     sp.add_argument("--by", required=True)
     sub.add_parser("relay", help="send the pending emails in the outbox")
+    sp = sub.add_parser("api-key", help="storefront keys for the API: create prints the key once; revoke")
+    sp.add_argument("action", choices=["create", "revoke"])
+    sp.add_argument("name", help="the storefront's name, e.g. main-site")
+    sp = sub.add_parser("webhook", help="endpoints that get every transition, signed: add prints the secret once")
+    sp.add_argument("action", choices=["add", "list", "remove"])
+    sp.add_argument("target", nargs="?", help="add: the endpoint URL; remove: its id")
+    sub.add_parser("serve", help="the local Prefect server (unless PREFECT_API_URL answers), the worker and the API")
     sp = sub.add_parser("demo", help="run the sample returns through their whole life")
     sp.add_argument("--exit-when-done", action="store_true", help="exit after the sample instead of serving")
     sp.add_argument("--in-process", action="store_true", help="drive the steps directly, without Prefect")
@@ -118,6 +125,10 @@ def run(argv: list[str]) -> int:
         from entrypoints.demo import run_demo
 
         return run_demo(exit_when_done=args.exit_when_done, in_process=args.in_process)
+    if args.cmd == "serve":
+        from entrypoints.api.serve import run_serve
+
+        return run_serve()
     fixed = _time(args.now, "--now")
     now = fixed or utcnow()
     # Every input is read and validated before the database is touched: a refused command writes nothing,
@@ -129,6 +140,13 @@ def run(argv: list[str]) -> int:
     note = _note(args.note) if getattr(args, "note", None) is not None else None
     by = _operator(args.by) if getattr(args, "by", None) is not None else None
     as_of = (_time(args.as_of, "--as-of") or now) if args.cmd == "sweep" else now
+    if args.cmd in ("api-key", "webhook"):
+        from service.storefront import check_url, key_name
+
+        if args.cmd == "api-key":
+            key_name(args.name)
+        elif args.action == "add" and args.target:
+            check_url(args.target)
     through_prefect = bool(os.environ.get("PREFECT_API_URL")) and args.cmd in VERBS
     if through_prefect and fixed is not None:
         raise InvalidInput("--now replays a verb here and cannot reach a flow run: unset PREFECT_API_URL to use it")
@@ -150,6 +168,9 @@ def run(argv: list[str]) -> int:
         assert rma is not None  # argparse requires it
         _print(pipeline.show(rma, now))
         return 0
+    if args.cmd in ("api-key", "webhook"):
+        _print(_storefront_admin(pipeline, args, now))
+        return 0
     verbs = _verbs(pipeline, through_prefect, fixed)
     calls: dict[str, Callable[[], Any]] = {
         "request": lambda: verbs.request(payload),
@@ -162,6 +183,25 @@ def run(argv: list[str]) -> int:
     }
     _print(calls[args.cmd]())
     return 0
+
+
+def _storefront_admin(pipeline: Any, args: argparse.Namespace, now: datetime) -> Any:
+    """`api-key create|revoke NAME` and `webhook add URL|list|remove ID`: keys and secrets are printed only here."""
+    if args.cmd == "api-key":
+        if args.action == "create":
+            return {"name": args.name, "key": pipeline.create_api_key(args.name, now)}
+        pipeline.revoke_api_key(args.name, now)
+        return {"name": args.name, "revoked": True}
+    if args.action == "list":
+        return pipeline.webhooks()
+    if not args.target:
+        raise InvalidInput(f"webhook {args.action} needs {'the URL' if args.action == 'add' else 'the id'}")
+    if args.action == "add":
+        return pipeline.add_webhook(args.target, now)
+    if not args.target.isdigit():
+        raise InvalidInput("webhook remove takes the endpoint's id (see `returns webhook list`)")
+    pipeline.remove_webhook(int(args.target), now)
+    return {"id": int(args.target), "removed": True}
 
 
 VERBS = frozenset({"request", "receive", "process", "review", "cancel", "sweep", "relay"})

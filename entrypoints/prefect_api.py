@@ -83,6 +83,13 @@ class PrefectApi:
         r.raise_for_status()
         return str(r.json()["id"])
 
+    def run_state(self, run_id: str) -> tuple[str, str]:
+        """The run's state type (SCHEDULED, RUNNING, COMPLETED, FAILED, ...) and its message."""
+        r = self._call("GET", f"/flow_runs/{run_id}")
+        r.raise_for_status()
+        state = r.json().get("state") or {}
+        return str(state.get("type", "SCHEDULED")), str(state.get("message") or "")
+
     def wait(self, run_id: str, timeout: float = 300.0, poll: float = 0.05, max_poll: float = 0.5) -> dict[str, Any]:
         """The finished run; RunFailed with its state's message unless it completed."""
         deadline = time.monotonic() + timeout

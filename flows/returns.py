@@ -10,11 +10,12 @@ from prefect.artifacts import create_table_artifact
 from pydantic import AwareDatetime
 
 from adapters.clock import utcnow
+from models.errors import InvalidInput
 from models.policy import Reason, Resolution
 from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
 from service import stages
 from service.returns import Actor
-from tasks.returns import RELAY_REPORT, TASKS, send_outbox
+from tasks.returns import RELAY_REPORT, TASKS, pipeline, send_outbox
 
 FLOW_OPTIONS: dict[str, Any] = {"persist_result": False, "log_prints": False}
 
@@ -26,17 +27,33 @@ def _plain(items: list[Any]) -> list[Any]:
 @flow(name="request-return", flow_run_name="request-{order_number}", **FLOW_OPTIONS)
 def request_return(
     order_number: str,
-    email: str,
     reason: Reason,
     lines: list[RequestLineIn],
+    email: str | None = None,
     resolution: Resolution | None = None,
     idempotency_key: str | None = None,
+    request_ref: str | None = None,
 ) -> dict[str, Any]:
-    """request -> eligibility -> RMA number + label PDF -> 'RMA issued' (or 'declined') email."""
-    request = parse(ReturnRequestIn, {
-        "order_number": order_number, "email": email, "reason": reason, "resolution": resolution,
-        "lines": _plain(lines), "idempotency_key": idempotency_key,
-    })
+    """request -> eligibility -> RMA number + label PDF -> 'RMA issued' (or 'declined') email.
+
+    Args:
+        order_number: The order the items came on.
+        reason: unwanted, damaged, shipping_error or wrong_product.
+        lines: The items and quantities to return.
+        email: The customer's email (R13); leave empty when `request_ref` names a request the API verified.
+        resolution: refund, replacement or exchange; empty for the reason's default.
+        idempotency_key: The same key replays the same request instead of asking again.
+        request_ref: A request the storefront API stored after checking its owner (R13): the email stays in the
+            returns database and never becomes a parameter of this run.
+    """
+    fields = {"order_number": order_number, "reason": reason, "resolution": resolution, "lines": _plain(lines),
+              "idempotency_key": idempotency_key}
+    if request_ref is not None:
+        request = pipeline().verified_request(request_ref, fields)
+    elif email is not None:
+        request = parse(ReturnRequestIn, fields | {"email": email})
+    else:
+        raise InvalidInput("a request needs the customer's email, or the request_ref of a verified request")
     decided = stages.after_request(TASKS, request)
     return {k: decided.to_json()[k] for k in ("decision", "rma_number", "state", "refund_total", "clauses")}
 

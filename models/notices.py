@@ -12,11 +12,13 @@ class MessageKind(StrEnum):
     REVIEW_NEEDED = "review_needed"
     DUE_SOON = "due_soon"
     OVERDUE = "overdue"
+    WEBHOOK = "webhook"  # not an email: a signed POST of one transition to a storefront's endpoint
 
 
 CUSTOMER_KINDS = frozenset({MessageKind.RMA_ISSUED, MessageKind.DECLINED, MessageKind.RECEIVED,
                             MessageKind.PROCESSED, MessageKind.EXPIRED})
 CARE_KINDS = frozenset({MessageKind.REVIEW_NEEDED, MessageKind.DUE_SOON, MessageKind.OVERDUE})
+EMAIL_KINDS = CUSTOMER_KINDS | CARE_KINDS
 
 
 class OutboxStatus(StrEnum):

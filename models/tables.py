@@ -262,3 +262,43 @@ class OutboxMessage(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     sent_at: datetime | None = ts()
+
+
+class ApiKey(SQLModel, table=True):
+    """A storefront's key: only its SHA-256 is kept, so a database leak reveals no usable key."""
+
+    __tablename__ = "api_keys"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    key_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    revoked_at: datetime | None = ts()
+
+
+class ApiRequest(SQLModel, table=True):
+    """A storefront's request that passed R13, keyed by (key, Idempotency-Key); the request flow reads it by id, so
+    no email address travels through Prefect. `request` is the request without the email."""
+
+    __tablename__ = "api_requests"
+    __table_args__ = (UniqueConstraint("api_key_id", "idempotency_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    reference: str = Field(unique=True, max_length=40)  # the public id in status URLs (not guessable)
+    api_key_id: int | None = Field(default=None, foreign_key="api_keys.id", index=True)
+    idempotency_key: str = Field(max_length=128)
+    body_hash: str = Field(max_length=64)
+    order_number: str = Field(foreign_key="orders.number", index=True, max_length=64)
+    request: dict[str, object] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    flow_run_id: str | None = Field(default=None, max_length=64)
+    response: dict[str, object] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """Where transitions are POSTed; the secret signs each delivery (HMAC-SHA256), so it is kept as issued."""
+
+    __tablename__ = "webhook_endpoints"
+    id: int | None = Field(default=None, primary_key=True)
+    url: str = Field(max_length=254)
+    secret: str = Field(max_length=80)
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    disabled_at: datetime | None = ts()

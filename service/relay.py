@@ -10,6 +10,8 @@ relay sends it again with the same Message-ID (at-least-once, never lost).
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, select, update
 from sqlmodel import col
 
+from adapters import webhooks
 from adapters.crashpoints import crash_point
 from adapters.db import unit_of_work
 from adapters.mail.message import AttachmentMissing, render
@@ -25,7 +28,7 @@ from adapters.mail.transport import Transport, TransportUnavailable
 from adapters.redact import redact
 from models.errors import PermanentError
 from models.notices import MessageKind, OutboxStatus
-from models.tables import OutboxMessage
+from models.tables import OutboxMessage, WebhookEndpoint
 
 if TYPE_CHECKING:
     from adapters.config import Settings
@@ -159,6 +162,30 @@ def _retry_later(
     return error
 
 
+Poster = Callable[[str, str, bytes, str, int], int]
+
+
+def _deliver_webhook(engine: Engine, report: RelayReport, row: _Claimed, now: datetime, max_attempts: int,
+                     post: Poster) -> None:
+    """POST one transition, signed with its endpoint's secret; an endpoint that is down does not halt the mail."""
+    with unit_of_work(engine) as session:
+        endpoint = session.get(WebhookEndpoint, row.context.get("endpoint_id"))
+        secret = endpoint.secret if endpoint is not None and endpoint.disabled_at is None else None
+    if secret is None:
+        _record(engine, row.id, status=OutboxStatus.FAILED, last_error="the webhook endpoint was removed")
+        report.failed.append({**row.info(), "error": "the webhook endpoint was removed"})
+        return
+    event = {k: v for k, v in row.context.items() if k != "endpoint_id"}
+    body = json.dumps(event, sort_keys=True, separators=(",", ":")).encode()
+    try:
+        post(row.recipient, secret, body, str(event.get("id")), int(now.timestamp()))
+    except Exception as exc:  # DeliveryFailed, or a bug: retried with backoff, then failed visibly
+        _retry_later(engine, report, row, exc, now, max_attempts)
+        return
+    _record(engine, row.id, status=OutboxStatus.SENT, sent_at=now)
+    report.sent.append(row.info())
+
+
 def relay(
     engine: Engine,
     transport: Transport,
@@ -169,9 +196,10 @@ def relay(
     max_attempts: int = 8,
     lease: timedelta = LEASE,
     return_id: int | None = None,
+    post: Poster = webhooks.post,
 ) -> RelayReport:
-    """Send up to `limit` due outbox rows in id order (only `return_id`'s when given: a stage sends its own mail);
-    a row is marked sent only after its send succeeded."""
+    """Send up to `limit` due outbox rows in id order (only `return_id`'s when given: a stage sends its own mail and
+    webhooks); a row is marked sent only after its send succeeded."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     report = RelayReport()
@@ -183,6 +211,9 @@ def relay(
             error = f"gave up: {row.attempts - 1} attempts started, none recorded an outcome"
             _record(engine, row.id, status=OutboxStatus.FAILED, last_error=error)
             report.failed.append({**row.info(), "error": error})
+            continue
+        if row.kind == MessageKind.WEBHOOK:
+            _deliver_webhook(engine, report, row, now, max_attempts, post)
             continue
         try:
             msg = render(

@@ -36,6 +36,19 @@ class Decided:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """A storefront's request that passed R13, stored under its Idempotency-Key; `parameters` are the request
+    flow's: the request and its reference, no email address."""
+
+    reference: str
+    order_number: str
+    parameters: Mapping[str, Any]
+    flow_run_id: str | None
+    response: Mapping[str, Any] | None
+    replayed: bool
+
+
+@dataclass(frozen=True)
 class Moved:
     """Where a return stands after a stage that moved it (receipt, review, cancel)."""
 

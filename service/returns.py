@@ -37,6 +37,7 @@ from models.tables import (
 from service.outbox import enqueue
 from service.refunds import refunded_elsewhere
 from service.results import Decided, PlannedRefund, SweepPlan
+from service.storefront import enqueue_transition
 
 # States whose lines still hold units of the order line (R11): open returns and completed ones.
 HOLDS_UNITS = frozenset({State.REQUESTED, State.REVIEW, State.AUTHORIZED, State.RECEIVED,
@@ -126,11 +127,16 @@ def import_data(session: Session, data: ImportIn) -> ImportReport:
 
 def _order_for_request(session: Session, req: ReturnRequestIn) -> tuple[Order, Customer]:
     """R13: the order exists and the email is its account's main contact; both failures answer alike."""
-    order = session.get(Order, req.order_number)
+    return owner_of(session, req.order_number, req.email)
+
+
+def owner_of(session: Session, order_number: str, email: str) -> tuple[Order, Customer]:
+    """R13 alone (a request, a shopper's look-up): NotFound, one message for an unknown order or a wrong email."""
+    order = session.get(Order, order_number)
     # Look an account up even for an unknown order: both refusals run the same statements, so neither the answer
     # nor the time it takes tells a prober which order numbers exist.
     customer = session.get(Customer, order.account if order is not None else "")
-    if order is None or customer is None or customer.email.casefold() != req.email.casefold():
+    if order is None or customer is None or customer.email.casefold() != email.casefold():
         raise NotFound(SAME_ANSWER_FOR_R13)
     return order, customer
 
@@ -184,6 +190,23 @@ def _facts(session: Session, order: Order) -> tuple[pol.OrderFacts, dict[str, po
     return order_facts, facts, {ln.sku: ln for ln in lines}
 
 
+def units_left(session: Session, order_number: str) -> list[dict[str, Any]]:
+    """Each line of the order: its product and how many units can still be returned (R11)."""
+    order = session.get(Order, order_number)
+    if order is None:
+        raise NotFound(SAME_ANSWER_FOR_R13)
+    _, facts, _ = _facts(session, order)
+    return [{"sku": f.sku, "name": f.product_name, "quantity_shipped": f.quantity_shipped,
+             "quantity_left": f.quantity_available} for f in facts.values()]
+
+
+def order_returns(session: Session, order_number: str) -> list[Return]:
+    """The order's returns, oldest first; NotFound for an unknown order."""
+    if session.get(Order, order_number) is None:
+        raise NotFound(f"no order has number {order_number}")
+    return list(session.scalars(select(Return).where(Return.order_number == order_number).order_by(col(Return.id))))
+
+
 def _to_request(req: ReturnRequestIn) -> pol.ReturnRequest:
     reason = pol.Reason(req.reason)
     resolution = pol.Resolution(req.resolution) if req.resolution else pol.DEFAULT_RESOLUTION[reason]
@@ -231,10 +254,12 @@ def transition(
                        .values(state=target, updated_at=now, **values))
     if changed != 1:
         raise StaleState(f"return {ret.rma or ret.id} is no longer '{current}'")
-    session.add(Transition(return_id=_id(ret), from_state=current, to_state=target, at=now,
-                           actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {}))
+    row = Transition(return_id=_id(ret), from_state=current, to_state=target, at=now,
+                     actor=actor.name, flow_run_id=actor.flow_run_id, facts=facts or {})
+    session.add(row)
     session.flush()
     _written(ret, state=target, updated_at=now, **values)
+    enqueue_transition(session, ret, current, _id(row), now)  # the storefronts' webhooks, in this same transaction
 
 
 def _written(ret: Return, **values: Any) -> None:
@@ -721,7 +746,8 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
     flag = None
     if ret.deadline_at is not None and ret.state not in TERMINAL:
         flag = str(pol.deadline_flag(policy, ret.deadline_at, now))
-    mail = session.scalars(select(OutboxMessage).where(col(OutboxMessage.return_id) == ret.id)
+    mail = session.scalars(select(OutboxMessage).where(col(OutboxMessage.return_id) == ret.id,
+                                                       col(OutboxMessage.kind) != MessageKind.WEBHOOK)
                            .order_by(col(OutboxMessage.id)))
 
     def iso(t: datetime | None) -> str | None:

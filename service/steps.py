@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from adapters.config import Settings
@@ -19,16 +20,17 @@ from adapters.db import engine_for, unit_of_work
 from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
 from adapters.payments.gateway import Gateway, LedgerGateway
 from adapters.payments.providers import Providers
-from models.errors import StaleState
-from models.notices import OutboxStatus
+from models.errors import NotFound, StaleState
+from models.notices import MessageKind, OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
 from models.tables import Customer, Order, OutboxMessage, Refund, RefundAllocation, Return, Transition
 from service import refunds
 from service import returns as svc
+from service import storefront
 from service.relay import RelayReport, relay
-from service.results import Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
+from service.results import Accepted, Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
 from service.returns import Actor
 
 OPEN_CLOCK = (State.RECEIVED, State.PROCESSING, State.REVIEW)
@@ -198,6 +200,109 @@ class Pipeline:
         return relay(self.engine, transport_from_settings(self.settings), settings=self.settings, now=now,
                      return_id=return_id)
 
+    # ---- the storefront API ----------------------------------------------------------------------------------
+
+    def create_api_key(self, name: str, now: datetime) -> str:
+        """A new storefront key (the database keeps its hash); the only time the key itself is seen."""
+        with unit_of_work(self.engine) as session:
+            return storefront.create_key(session, name, now)
+
+    def revoke_api_key(self, name: str, now: datetime) -> None:
+        with unit_of_work(self.engine) as session:
+            storefront.revoke_key(session, name, now)
+
+    def api_key(self, key: str) -> tuple[int, str] | None:
+        """(id, hash) of the live key with this secret, else None."""
+        with unit_of_work(self.engine) as session:
+            found = storefront.active_key(session, key)
+            return None if found is None or found.id is None else (found.id, found.key_hash)
+
+    def accept(self, api_key_id: int | None, idempotency_key: str, req: ReturnRequestIn, now: datetime) -> Accepted:
+        """Check ownership (R13) and the request (R11) and store it under its key, or find the one stored before
+        (IdempotencyConflict if that was another request). Nothing is decided yet: the request flow does that."""
+        digest = storefront.body_hash(req)
+        for attempt in range(2):
+            try:
+                with unit_of_work(self.engine) as session:
+                    prior = storefront.prior_request(session, api_key_id, idempotency_key, digest)
+                    if prior is None:
+                        svc.quote(session, req, now, self.policy)  # R13 (one answer for both refusals), R11
+                        svc._lock_order(session, req.order_number)  # one writer per order on PostgreSQL
+                        prior = storefront.prior_request(session, api_key_id, idempotency_key, digest)
+                    if prior is not None:
+                        return _accepted(prior, replayed=True)
+                    return _accepted(storefront.store_request(session, api_key_id, idempotency_key, req, now), False)
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def request_started(self, reference: str, flow_run_id: str) -> None:
+        with unit_of_work(self.engine) as session:
+            row = storefront.load_request(session, reference)
+            row.flow_run_id = row.flow_run_id or flow_run_id
+
+    def answered(self, reference: str, response: dict[str, Any]) -> dict[str, Any]:
+        """Keep the first final answer to a request, so a replay says exactly the same; the one kept."""
+        with unit_of_work(self.engine) as session:
+            row = storefront.load_request(session, reference)
+            if row.response is None:
+                row.response = response
+            return dict(row.response)
+
+    def accepted(self, reference: str, api_key_id: int | None) -> Accepted:
+        """A stored request, visible only to the key that made it (NotFound otherwise)."""
+        with unit_of_work(self.engine) as session:
+            row = storefront.load_request(session, reference)
+            if row.api_key_id != api_key_id:
+                raise NotFound(f"no request has reference {reference[:40]}")
+            return _accepted(row, replayed=True)
+
+    def verified_request(self, reference: str, parameters: dict[str, Any]) -> ReturnRequestIn:
+        """The stored request with its owner's email (in memory only): what the request flow decides on."""
+        with unit_of_work(self.engine) as session:
+            return storefront.verified_request(session, reference, parameters)
+
+    def owned_request(self, order_number: str, fields: dict[str, Any]) -> ReturnRequestIn:
+        """A request for an order whose owner proved it earlier (the shopper's session), with the owner's email."""
+        with unit_of_work(self.engine) as session:
+            return storefront.owned_request(session, order_number, fields)
+
+    def owner_matches(self, order_number: str, email: str) -> bool:
+        """R13 for a look-up: the same statements run whether the order is unknown or the email wrong."""
+        with unit_of_work(self.engine) as session:
+            try:
+                svc.owner_of(session, order_number, email)
+            except NotFound:
+                return False
+            return True
+
+    def units_left(self, order_number: str) -> list[dict[str, Any]]:
+        with unit_of_work(self.engine) as session:
+            return svc.units_left(session, order_number)
+
+    def order_returns(self, order_number: str, now: datetime) -> list[dict[str, Any]]:
+        with unit_of_work(self.engine) as session:
+            rmas = [r.rma for r in svc.order_returns(session, order_number) if r.rma]
+            return [svc.show(session, rma, now, self.policy) for rma in rmas]
+
+    def decided_request(self, accepted: Accepted) -> Decided | None:
+        """What the request flow stored for this accepted request, once it has."""
+        return self.lookup(accepted.order_number, str(accepted.parameters["idempotency_key"]))
+
+    def add_webhook(self, url: str, now: datetime) -> dict[str, Any]:
+        with unit_of_work(self.engine) as session:
+            ep = storefront.add_endpoint(session, url, now)
+            return {"id": ep.id, "url": ep.url, "secret": ep.secret}
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        with unit_of_work(self.engine) as session:
+            return storefront.endpoints(session)
+
+    def remove_webhook(self, endpoint_id: int, now: datetime) -> None:
+        with unit_of_work(self.engine) as session:
+            storefront.remove_endpoint(session, endpoint_id, now)
+
     # ---- reads ---------------------------------------------------------------------------------------------
 
     def return_id(self, rma: str) -> int:
@@ -246,13 +351,15 @@ class Pipeline:
         """How many of this return's messages are pending, sent and failed."""
         with unit_of_work(self.engine) as session:
             rows = session.execute(select(col(OutboxMessage.status), func.count()).where(
-                col(OutboxMessage.return_id) == return_id).group_by(col(OutboxMessage.status))).all()
+                col(OutboxMessage.return_id) == return_id, col(OutboxMessage.kind) != MessageKind.WEBHOOK)
+                .group_by(col(OutboxMessage.status))).all()
         return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
 
     def outbox_counts(self) -> dict[str, int]:
         """How many outbox rows are pending, sent and failed."""
         with unit_of_work(self.engine) as session:
             rows = session.execute(select(col(OutboxMessage.status), func.count())
+                                   .where(col(OutboxMessage.kind) != MessageKind.WEBHOOK)
                                    .group_by(col(OutboxMessage.status))).all()
         return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
 
@@ -268,3 +375,9 @@ class Pipeline:
                      due_soon=sorted(r for r, f in flags.items() if f is Flag.DUE_SOON),
                      overdue=sorted(r for r, f in flags.items() if f is Flag.OVERDUE),
                      stuck=plan.redrive)
+
+
+def _accepted(row: Any, replayed: bool) -> Accepted:
+    return Accepted(reference=row.reference, order_number=row.order_number,
+                    parameters=dict(row.request) | {"request_ref": row.reference}, flow_run_id=row.flow_run_id,
+                    response=row.response, replayed=replayed)

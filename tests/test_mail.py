@@ -31,7 +31,7 @@ from adapters.mail.transport import (
     transport_from_settings,
 )
 from models.errors import PermanentError, TransientError
-from models.notices import CUSTOMER_KINDS, MessageKind
+from models.notices import CUSTOMER_KINDS, EMAIL_KINDS
 from service.outbox import message_id_for
 from tests.helpers import free_port
 from tests.smtp_server import Inbox
@@ -166,8 +166,8 @@ def reparse(msg: EmailMessage) -> EmailMessage:
 
 
 def test_every_kind_has_text_html_and_subject_templates() -> None:
-    assert set(SAMPLES) == set(MessageKind)
-    for kind in MessageKind:
+    assert set(SAMPLES) == set(EMAIL_KINDS)
+    for kind in EMAIL_KINDS:
         for suffix in ("html.j2", "txt.j2", "subject.j2"):
             assert (templates.TEMPLATES / f"{kind}.{suffix}").is_file(), f"{kind}.{suffix}"
 
@@ -179,7 +179,7 @@ def test_one_strict_autoescaping_environment() -> None:
     assert templates.ENV.autoescape("rma_issued.subject.j2") is False  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("kind", sorted(MessageKind))
+@pytest.mark.parametrize("kind", sorted(EMAIL_KINDS))
 def test_each_kind_is_text_then_html_with_headers_and_care_contact(kind: str, home: Path) -> None:
     msg = reparse(build(kind, home))
     assert msg["Subject"] == SUBJECTS[kind]
@@ -306,7 +306,7 @@ def _poison(value: Any, marker: str) -> Any:
     return value
 
 
-@pytest.mark.parametrize("kind", sorted(MessageKind))
+@pytest.mark.parametrize("kind", sorted(EMAIL_KINDS))
 def test_every_free_text_field_is_escaped_in_html(kind: str, home: Path) -> None:
     marker = '<i class="x">O\'Neil & co</i>'
     context = _poison(copy.deepcopy(SAMPLES[kind]), marker)

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, create_engine, select, text, update
 from adapters.config import Settings, Shop
 from adapters.db import engine_for, make_engine, unit_of_work, upgrade
 from adapters.mail.transport import FileTransport, SmtpTransport, Transport, eml_name, transport_from_settings
-from models.notices import CARE_KINDS, MessageKind
+from models.notices import CARE_KINDS, EMAIL_KINDS
 from models.tables import OutboxMessage
 from service.outbox import enqueue
 from service.relay import BACKOFF_CAP, LEASE, RelayReport, backoff, relay
@@ -152,14 +152,14 @@ def assert_no_addresses(report: RelayReport) -> None:
 
 def test_relay_delivers_every_kind_over_smtp(db: tuple[Engine, str], home: Path, server: Server) -> None:
     engine, url = db
-    rows = {kind: add(engine, kind) for kind in sorted(MessageKind)}
+    rows = {kind: add(engine, kind) for kind in sorted(EMAIL_KINDS)}
     report = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
 
-    assert [r["kind"] for r in report.sent] == sorted(MessageKind)  # id order = insertion order here
+    assert [r["kind"] for r in report.sent] == sorted(EMAIL_KINDS)  # id order = insertion order here
     assert report.failed == [] and report.deferred == [] and report.halted is None
     assert_no_addresses(report)
     arrived = {str(msg["Message-ID"]): (rcpts, msg) for rcpts, msg in server.inbox.received()}
-    assert len(arrived) == len(MessageKind) == len(server.inbox.messages)
+    assert len(arrived) == len(EMAIL_KINDS) == len(server.inbox.messages)
     for kind, r in rows.items():
         rcpts, msg = arrived[r.message_id]
         expected = CARE_EMAIL if kind in CARE_KINDS else CUSTOMER_EMAIL
@@ -181,7 +181,7 @@ def test_relay_delivers_every_kind_over_smtp(db: tuple[Engine, str], home: Path,
 
     again = relay(engine, SmtpTransport.from_url(server.url), settings=settings_for(home, url, server.url), now=AT)
     assert again == RelayReport()  # nothing left to send
-    assert len(server.inbox.messages) == len(MessageKind)
+    assert len(server.inbox.messages) == len(EMAIL_KINDS)
 
 
 def test_xss_name_arrives_escaped_in_the_html_part(db: tuple[Engine, str], home: Path, server: Server) -> None:
@@ -434,9 +434,9 @@ def test_relay_over_the_file_transport(db: tuple[Engine, str], home: Path) -> No
     settings = settings_for(home, url, None)
     transport = transport_from_settings(settings)
     assert transport == FileTransport(home / "mail")
-    rows = [add(engine, kind) for kind in sorted(MessageKind)]
+    rows = [add(engine, kind) for kind in sorted(EMAIL_KINDS)]
     report = relay(engine, transport, settings=settings, now=AT)
-    assert len(report.sent) == len(MessageKind)
+    assert len(report.sent) == len(EMAIL_KINDS)
     files = sorted(p.name for p in (home / "mail").iterdir())
     assert files == sorted(eml_name(r.message_id) for r in rows)
     for r in rows:
@@ -449,7 +449,7 @@ def test_relay_over_the_file_transport(db: tuple[Engine, str], home: Path) -> No
         session.exec(update(OutboxMessage).where(OutboxMessage.id == rows[0].id)
                      .values(status="pending", next_attempt_at=AT))
     assert len(relay(engine, transport, settings=settings, now=AT).sent) == 1
-    assert len(list((home / "mail").iterdir())) == len(MessageKind)
+    assert len(list((home / "mail").iterdir())) == len(EMAIL_KINDS)
 
 
 def test_limit_bounds_one_run(db: tuple[Engine, str], home: Path) -> None:

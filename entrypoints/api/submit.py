@@ -1,0 +1,77 @@
+"""How the API hands an accepted request to the request stage: as a run of `request-return/storefront` (with a
+Prefect API), or by running the stage here (without one, for tests and a laptop). Either way the stage decides."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from adapters.label.layout import label_path
+from entrypoints.prefect_api import FINAL, PrefectApi, RunFailed
+from entrypoints.verbs import DEPLOYMENTS
+from service import stages
+from service.results import Accepted, Decided
+from service.stages import LocalSteps
+from service.steps import Pipeline
+
+
+class Submitter(Protocol):
+    def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
+        """Start (or find) the request's stage and wait up to `wait` s: its decision, or None if not yet."""
+        ...
+
+
+def ready(pipeline: Pipeline, decided: Decided | None) -> bool:
+    """The stage has done what the storefront waits for: decided and, when authorized, written the label."""
+    if decided is None:
+        return False
+    return not (decided.authorized and decided.rma_number
+                and not label_path(pipeline.settings.label_dir, decided.rma_number).exists())
+
+
+@dataclass
+class InProcess:
+    """The stage run here with plain steps (no Prefect API configured)."""
+
+    pipeline: Pipeline
+
+    def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
+        found = self.pipeline.decided_request(accepted)
+        if ready(self.pipeline, found):
+            return found
+        request = self.pipeline.verified_request(accepted.reference, dict(accepted.parameters))
+        return stages.after_request(LocalSteps(self.pipeline), request)
+
+
+@dataclass
+class ThroughPrefect:
+    """A run of the storefront deployment, keyed so that a retried call finds the same run; the decision is read
+    from the returns database (the truth) while the run's state is watched, rarely, for a failure."""
+
+    api: PrefectApi
+    pipeline: Pipeline
+    poll: float = 0.02  # the returns database: cheap to ask
+    state_every: float = 0.5  # the Prefect API: each read costs its server CPU
+
+    def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
+        run_id = accepted.flow_run_id
+        if run_id is None:
+            parameters = dict(accepted.parameters)
+            run_id = self.api.create_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key)
+            self.pipeline.request_started(accepted.reference, run_id)
+        deadline = time.monotonic() + wait
+        next_state = time.monotonic() + self.state_every
+        while True:
+            found = self.pipeline.decided_request(accepted)
+            if ready(self.pipeline, found):
+                return found
+            now = time.monotonic()
+            if now >= next_state or now >= deadline:
+                kind, message = self.api.run_state(run_id)
+                if kind in FINAL and kind != "COMPLETED":
+                    raise RunFailed(f"{kind.lower()}: {message[:300]}")
+                next_state = now + self.state_every
+            if now >= deadline:
+                return None
+            time.sleep(self.poll)
