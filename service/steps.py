@@ -25,7 +25,7 @@ from models.notices import MessageKind, OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
-from models.tables import Customer, Order, OutboxMessage, Refund, RefundAllocation, Return, Transition
+from models.tables import Customer, Order, OutboxMessage, Product, Refund, RefundAllocation, Return, Transition
 from service import refunds
 from service import returns as svc
 from service import storefront
@@ -276,6 +276,11 @@ class Pipeline:
             except NotFound:
                 return False
             return True
+
+    def catalog(self) -> list[tuple[str, str]]:
+        """(sku, name) of every product, by name: what a shopper may pick as the correct item (P6)."""
+        with unit_of_work(self.engine) as session:
+            return [(p.sku, p.name) for p in session.scalars(select(Product).order_by(col(Product.name)))]
 
     def units_left(self, order_number: str) -> list[dict[str, Any]]:
         with unit_of_work(self.engine) as session:

@@ -51,6 +51,9 @@ REPLAYED = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"
                                     "description": "Present on the answer to a retried call"}}
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key",
                                                  description="Your id for this call; a retry sends the same")]
+PreferHeader = Annotated[str | None, Header(description="RFC 7240: `wait=N` waits at most N s (up to the "
+                                                       "server's own wait) before answering 202")]
+PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d{1,4}(?:\.\d{1,3})?)(?:$|[,;\s])")
 bearer = HTTPBearer(auto_error=False, description="A storefront key from `returns api-key create NAME`")
 
 
@@ -138,13 +141,16 @@ def create_app(pipeline: Pipeline, submitter: Submitter | None = None, config: A
               responses={201: {"headers": LINK | REPLAYED},
                          202: {"model": views.ReturnPending, "description": "Stored; the flow has not finished",
                                "headers": LINK | REPLAYED}, **PROBLEMS})
-    async def create_return(request: Request, caller: Storefront,
-                            idempotency_key: IdempotencyHeader = None) -> JSONResponse:
+    async def create_return(request: Request, caller: Storefront, idempotency_key: IdempotencyHeader = None,
+                            prefer: PreferHeader = None) -> JSONResponse:
         """Check ownership (R13), store the request and hand it to the request flow; 201 with the decision (and the
         label link when authorized) once it has decided, else 202 with Location. The same Idempotency-Key with the
         same body answers the same again (Idempotent-Replayed: true); with another body, 422."""
         body = await request.body()
-        return await run_in_threadpool(_create, api, caller, idempotency_key, body)
+        wait = api.config.wait_seconds
+        if prefer and (asked := PREFER_WAIT.search(prefer)):
+            wait = min(wait, float(asked.group(1)))
+        return await run_in_threadpool(_create, api, caller, idempotency_key, body, wait)
 
     @app.get("/v1/requests/{reference}", response_model=views.ReturnCreated | views.ReturnPending,
              tags=["returns"], summary="A request's outcome", responses=PROBLEMS)
@@ -207,7 +213,7 @@ def _quote(api: Api, body: bytes) -> dict[str, Any]:
     return decision | {"units": api.pipeline.units_left(req.order_number)}
 
 
-def _create(api: Api, caller: Caller, idempotency_key: str | None, body: bytes) -> JSONResponse:
+def _create(api: Api, caller: Caller, idempotency_key: str | None, body: bytes, wait: float) -> JSONResponse:
     if idempotency_key is None:
         raise Problem(400, "POST /v1/returns needs an Idempotency-Key header (a retry sends the same one)",
                       "idempotency-key-required")
@@ -222,7 +228,7 @@ def _create(api: Api, caller: Caller, idempotency_key: str | None, body: bytes) 
         return JSONResponse(dict(accepted.response), 201,
                             headers=replayed | {"Location": str(accepted.response["status_url"])})
     run_key = "api-" + hashlib.sha256(f"{caller.key_hash}:{idempotency_key}".encode()).hexdigest()[:48]
-    decided = api.submitter.submit(accepted, run_key, api.config.wait_seconds)
+    decided = api.submitter.submit(accepted, run_key, wait)
     if decided is None:
         body_out = views.pending(accepted.reference)
         return JSONResponse(body_out, 202, headers=replayed | {"Location": body_out["status_url"]})

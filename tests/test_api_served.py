@@ -1,0 +1,269 @@
+"""`returns serve` end to end: a subprocess runs the local Prefect server, the worker and the API, as on a laptop; this
+process is a storefront over HTTP (its key made with the pipeline, as `returns api-key create` does), a webhook
+receiver on loopback, and the dock (a run of its deployment). Afterwards no Prefect object holds an email address,
+and SIGTERM stops every process the command started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ROOT, SAMPLE, make_pipeline
+from helpers import free_port
+
+from adapters.webhooks import SIGNATURE_HEADER, verify
+from entrypoints.demo import shifted_catalog
+from entrypoints.prefect_api import PrefectApi
+from entrypoints.verbs import ThroughPrefect
+from models.schemas import ImportIn, ReceiptIn, parse
+from service.steps import Pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.prefect]
+
+REQUESTS: dict[str, dict[str, Any]] = {
+    s["request"]["order_number"]: {k: v for k, v in s["request"].items() if k != "idempotency_key"}
+    for s in json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
+}
+EMAILS = {c["email"] for c in json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))["customers"]}
+
+
+@dataclass
+class Receiver:
+    """A storefront's webhook endpoint on loopback: keeps every delivery with its signature header."""
+
+    url: str = ""
+    secret: str = ""
+    deliveries: list[tuple[str, bytes]] = field(default_factory=list)
+    fail_first: int = 0  # answer 503 to this many deliveries first (the relay must retry)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.deliveries]
+
+    def wait_for(self, wanted: set[str], timeout: float = 30.0) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = {e["type"] for e in self.events()}
+            if wanted <= seen or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if found.fail_first > 0:
+                found.fail_first -= 1
+                self.send_response(503)
+            else:
+                found.deliveries.append((self.headers[SIGNATURE_HEADER], body))
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/returns"
+    yield found
+    server.shutdown()
+
+
+@dataclass
+class Served:
+    api: httpx.Client
+    prefect: PrefectApi
+    pipeline: Pipeline
+    proc: subprocess.Popen[bytes]
+    ports: tuple[int, int]
+    log: Path
+
+    def ask(self, order: str, key: str, wait: str | None = None, **change: Any) -> httpx.Response:
+        headers = {"Idempotency-Key": key} | ({"Prefer": f"wait={wait}"} if wait is not None else {})
+        return self.api.post("/v1/returns", json=REQUESTS[order] | change, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Served]:
+    base = tmp_path_factory.mktemp("serve")
+    url = f"sqlite:///{base / 'returns.db'}"
+    pipeline = make_pipeline(base / "home", url)
+    pipeline.import_data(parse(ImportIn, shifted_catalog(datetime.now(UTC))))
+    key = pipeline.create_api_key("storefront-test", datetime.now(UTC))
+    hook = pipeline.add_webhook(receiver.url, datetime.now(UTC))
+    receiver.secret = hook["secret"]
+    api_port, prefect_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RETURNS_"))} | {
+        "RETURNS_HOME": str(base / "home"), "RETURNS_DATABASE_URL": url,
+        "RETURNS_API_PORT": str(api_port), "RETURNS_PREFECT_PORT": str(prefect_port),
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    log = base / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve"], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {key}"},
+                       timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text("utf-8", "replace")[-3000:]
+            assert time.monotonic() < deadline, "returns serve did not answer within 120 s"
+            try:
+                if api.get("/openapi.json").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        prefect = PrefectApi(f"http://127.0.0.1:{prefect_port}/api")
+        yield Served(api, prefect, pipeline, proc, (api_port, prefect_port), log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        api.close()
+
+
+def test_serve_prints_the_api_and_the_prefect_ui(served: Served) -> None:
+    printed = served.log.read_text("utf-8", "replace")
+    assert f"api: http://127.0.0.1:{served.ports[0]}" in printed
+    assert f"prefect_ui: http://127.0.0.1:{served.ports[1]}" in printed
+
+
+def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served: Served, receiver: Receiver) -> None:
+    quote = served.api.post("/v1/quotes", json=REQUESTS["IS-1001"])
+    assert quote.status_code == 200 and quote.json()["decision"] == "authorized", quote.text
+
+    r = served.ask("IS-1001", "served-1001")
+    assert r.status_code == 201, r.text
+    out = r.json()
+    rma = out["rma_number"]
+    assert (out["decision"], out["label_url"]) == ("authorized", f"/v1/returns/{rma}/label.pdf")
+    label = served.api.get(out["label_url"])
+    assert label.status_code == 200 and label.content.startswith(b"%PDF-")
+
+    again = served.ask("IS-1001", "served-1001")
+    assert (again.status_code, again.json(), again.headers.get("Idempotent-Replayed")) == (201, out, "true")
+    other = served.ask("IS-1001", "served-1001", reason="damaged")
+    assert other.status_code == 422 and other.headers["content-type"].startswith("application/problem+json")
+
+    # the request flow ran as a run of the storefront deployment, with ids only
+    (run,) = [r for r in flow_runs(served) if r["parameters"].get("request_ref") == out["request"]]
+    assert run["name"] == "request-IS-1001" and "email" not in run["parameters"]
+
+    # the webhook: return.authorized, signed over the timestamp and the body
+    assert "return.authorized" in receiver.wait_for({"return.authorized"})
+    header, body = next((h, b) for h, b in receiver.deliveries if json.loads(b)["rma_number"] == rma)
+    assert verify(receiver.secret, header, body, now=int(time.time()))
+    assert not verify(receiver.secret, header, body.replace(b"authorized", b"completed"), now=int(time.time()))
+
+
+def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:
+    r = served.ask("IS-1004", "served-1004", wait="0")
+    assert r.status_code == 202, r.text
+    assert r.headers["Location"] == r.json()["status_url"] and r.json()["status"] == "pending"
+    deadline = time.monotonic() + 60
+    while (status := served.api.get(r.headers["Location"]).json()).get("status") == "pending":
+        assert time.monotonic() < deadline, "the request flow did not finish within 60 s"
+        time.sleep(0.2)
+    assert status["decision"] == "authorized" and status["rma_number"], status
+    replay = served.ask("IS-1004", "served-1004")
+    assert (replay.status_code, replay.json(), replay.headers["Idempotent-Replayed"]) == (201, status, "true")
+
+
+def test_concurrent_calls_with_one_key_make_one_run_and_one_return(served: Served) -> None:
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(3)
+
+    def call() -> None:
+        start.wait()
+        answers.append(served.ask("IS-1007", "served-1007-race"))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.status_code for a in answers] == [201, 201, 201], [a.text for a in answers]
+    assert len({a.json()["rma_number"] for a in answers}) == 1
+    assert len(served.pipeline.order_returns("IS-1007", datetime.now(UTC))) == 1
+    refs = {a.json()["request"] for a in answers}
+    assert len([r for r in flow_runs(served) if r["parameters"].get("request_ref") in refs]) == 1
+
+
+def test_the_dock_receipt_completes_it_and_every_transition_reaches_the_webhook(served: Served,
+                                                                               receiver: Receiver) -> None:
+    rma = served.ask("IS-1011", "served-1011").json()["rma_number"]
+    verbs = ThroughPrefect(served.prefect, served.pipeline)
+    verbs.receive(parse(ReceiptIn, {"rma": rma, "received_at": datetime.now(UTC).isoformat(), "by": "dock",
+                                    "lines": [{"sku": "AG-RET-SRM", "unopened": 1},
+                                              {"sku": "IL-FIRM-MASK", "unopened": 1}]}))
+    status = served.api.get(f"/v1/returns/{rma}").json()
+    assert status["state"] == "completed", status
+    assert [t["state"] for t in status["timeline"]] == ["requested", "authorized", "received", "completed"]
+    types = [e["type"] for e in receiver.events() if e["rma_number"] == rma]
+    deadline = time.monotonic() + 30
+    while len(types) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        types = [e["type"] for e in receiver.events() if e["rma_number"] == rma]
+    assert types == ["return.authorized", "return.received", "return.completed"]
+    for header, body in receiver.deliveries:
+        assert verify(receiver.secret, header, body, now=int(time.time()))
+    shown = served.pipeline.webhooks()[0]
+    assert shown["deliveries"].get("sent", 0) == len(receiver.deliveries) and shown["latest"][0]["status"] == "sent"
+
+
+def test_no_email_address_in_any_prefect_object(served: Served) -> None:
+    served.ask("IS-1002", "served-1002")  # at least one more request, so there is something to look at
+    call = served.prefect._call
+    runs = flow_runs(served)
+    assert runs
+    objects = {
+        "flow runs": runs,
+        "task runs": call("POST", "/task_runs/filter", json={"limit": 200}).json(),
+        "logs": call("POST", "/logs/filter", json={"limit": 200}).json(),
+        "artifacts": call("POST", "/artifacts/filter", json={"limit": 200}).json(),
+        "events": call("POST", "/events/filter", json={"limit": 200}).json()["events"],
+        "deployments": call("POST", "/deployments/filter", json={"limit": 50}).json(),
+    }
+    for what, found in objects.items():
+        dumped = json.dumps(found).lower()
+        leaked = sorted(e for e in EMAILS if e.lower() in dumped)
+        assert not leaked, f"{what} carry {leaked}"
+        assert "@example.com" not in dumped, what
+
+
+def test_sigterm_stops_the_api_the_worker_and_the_prefect_server(served: Served) -> None:
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=60) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
+    for port in served.ports:
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def flow_runs(served: Served) -> list[dict[str, Any]]:
+    r = served.prefect._call("POST", "/flow_runs/filter", json={"limit": 200})
+    assert r.status_code == 200, r.text
+    return list(r.json())
