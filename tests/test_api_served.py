@@ -245,7 +245,7 @@ def test_no_email_address_in_any_prefect_object(served: Served) -> None:
         "task runs": call("POST", "/task_runs/filter", json={"limit": 200}).json(),
         "logs": call("POST", "/logs/filter", json={"limit": 200}).json(),
         "artifacts": call("POST", "/artifacts/filter", json={"limit": 200}).json(),
-        "events": call("POST", "/events/filter", json={"limit": 200}).json()["events"],
+        "events": events(served),
         "deployments": call("POST", "/deployments/filter", json={"limit": 50}).json(),
     }
     for what, found in objects.items():
@@ -267,3 +267,17 @@ def flow_runs(served: Served) -> list[dict[str, Any]]:
     r = served.prefect._call("POST", "/flow_runs/filter", json={"limit": 200})
     assert r.status_code == 200, r.text
     return list(r.json())
+
+
+def events(served: Served) -> list[dict[str, Any]]:
+    since = datetime(2000, 1, 1, tzinfo=UTC).isoformat()
+    r = served.prefect._call("POST", "/events/filter", json={"filter": {"occurred": {"since": since}}, "limit": 50})
+    found: list[dict[str, Any]] = []
+    for _ in range(40):  # the API pages events 50 at a time
+        assert r.status_code == 200, r.text
+        found += r.json()["events"]
+        if not r.json().get("next_page"):
+            break
+        r = httpx.get(r.json()["next_page"], timeout=30)
+    assert found
+    return found

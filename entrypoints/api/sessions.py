@@ -35,8 +35,8 @@ def _mac(secret: bytes, payload: bytes) -> str:
 
 
 def dump(secret: bytes, session: Session) -> str:
-    payload = base64.urlsafe_b64encode(json.dumps(
-        {"s": session.sid, "o": session.order, "e": session.expires}, separators=(",", ":")).encode()).decode()
+    data = json.dumps({"s": session.sid, "o": session.order, "e": session.expires}, separators=(",", ":"))
+    payload = base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
     return f"{payload}.{_mac(secret, payload.encode())}"
 
 
