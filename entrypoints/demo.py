@@ -157,13 +157,50 @@ def run_demo(exit_when_done: bool = True, in_process: bool = False) -> int:
         final = run_sample(Direct(pipeline), pipeline)
         summarize(final, pipeline.settings.home)
         return 0
+    from entrypoints.api.app import create_app
+    from entrypoints.api.client import Storefront
+    from entrypoints.api.config import ApiConfig
+    from entrypoints.api.serve import api_thread
+    from entrypoints.api.submit import ThroughPrefect as Submit
     from entrypoints.orchestrate import orchestrated
 
-    with orchestrated(pipeline.settings.home.parent / "prefect") as driver:
-        final = run_sample(ThroughPrefect(driver.api, pipeline), pipeline)
+    config = ApiConfig.from_env(pipeline.settings.home)
+    with orchestrated(pipeline.settings.home.parent / "prefect") as driver, \
+            api_thread(create_app(pipeline, Submit(driver.api, pipeline), config), config.host,
+                       _free(config.host, config.port)) as api_url:
+        storefront = Storefront(api_url, pipeline.create_api_key(f"demo-{utcnow():%Y%m%d%H%M%S}", utcnow()))
+        _say(f"storefront API at {api_url} (docs {api_url}/docs, the shopper's page {api_url}/returns)")
+        final = run_sample(ThroughApi(storefront, ThroughPrefect(driver.api, pipeline)), pipeline)
         summarize(final, pipeline.settings.home)
         _say(f"\n  Prefect UI: {driver.ui_url}  (flow runs, the 'return-rma-...' artifacts, events)")
         if not exit_when_done:
-            _say("  serving the deployments; Ctrl-C to stop")
+            _say(f"  serving the API at {api_url} and the deployments; Ctrl-C to stop")
             driver.wait_forever()
     return 0
+
+
+class ThroughApi:
+    """The demo as a storefront: requests through the storefront API (R13 checked there, no email reaches
+    Prefect); the dock's and the operators' verbs as runs of their deployments."""
+
+    def __init__(self, storefront: Any, operators: ThroughPrefect) -> None:
+        self.storefront, self.operators = storefront, operators
+
+    def request(self, req: ReturnRequestIn) -> dict[str, Any]:
+        return dict(self.storefront.request(req, req.idempotency_key or f"demo-{req.order_number}"))
+
+    def __getattr__(self, verb: str) -> Any:
+        return getattr(self.operators, verb)
+
+
+def _free(host: str, port: int) -> int:
+    """`port` unless something (a `returns serve`) already listens there; then any free one."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
