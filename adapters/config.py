@@ -24,6 +24,7 @@ class Shop:
     care_hours: str = "Monday-Friday 8:30 AM - 6:00 PM Eastern"
     mail_from: str = "IMAGE Skincare Returns <returns@imageskincare.com>"
     message_id_domain: str = "returns.imageskincare.com"
+    returns_page_url: str = "http://127.0.0.1:8000/returns"  # the shopper's pages (RETURNS_PUBLIC_URL + /returns)
 
     @property
     def returns_address_lines(self) -> tuple[str, ...]:
@@ -53,11 +54,12 @@ class Settings:
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
-    """Settings from RETURNS_HOME, RETURNS_DATABASE_URL, RETURNS_SMTP_URL, RETURNS_CARE_EMAIL."""
+    """Settings from RETURNS_HOME, RETURNS_DATABASE_URL, RETURNS_SMTP_URL, RETURNS_CARE_EMAIL, RETURNS_PUBLIC_URL."""
     e = os.environ if env is None else env
     home = Path(e.get("RETURNS_HOME") or "var").resolve()
     url = e.get("RETURNS_DATABASE_URL") or f"sqlite:///{home / 'returns.db'}"
-    shop = Shop()
+    public = (e.get("RETURNS_PUBLIC_URL") or "").rstrip("/")
+    shop = Shop(returns_page_url=f"{public}/returns") if public else Shop()
     return Settings(
         home=home,
         database_url=url,

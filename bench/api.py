@@ -1,0 +1,126 @@
+"""The storefront API's latency: `python -m bench.api [-n 16] [--clients 1 4 16]`.
+
+In one run, against one local Prefect server and the worker (entrypoints.orchestrate.orchestrated), at each
+number of concurrent storefront clients, p50/p95 of:
+
+  quote         POST /v1/quotes (the decision; nothing written, no Prefect)
+  api request   POST /v1/returns to its 201 with the label written (a run of request-return/storefront)
+  raw request   the same request the way a storefront had to before: POST create_flow_run on Prefect's own REST
+                API, then poll the run until it completes
+  floor         the request stage in-process with plain steps (no HTTP, no Prefect): the pipeline's own cost
+
+Each request is a P3 full refund on its own order (bench.pipeline.synthetic_catalog). Ratios are taken within the
+run (api/raw, api/floor), so a busy machine moves both sides. Results print as a markdown table and go to
+bench/results/api-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.pipeline import RESULTS, code_version, free_port, machine, request_params, summary, synthetic_catalog
+
+
+def timed(calls: list[Any], clients: int) -> list[float]:
+    """Run the calls on `clients` threads; each one's wall time in seconds."""
+
+    def one(call: Any) -> float:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, calls))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=16, help="requests per client count and path (at least 4 x clients)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--quotes", type=int, default=50, help="quotes per client count")
+    args = ap.parse_args(argv)
+
+    base = Path(tempfile.mkdtemp(prefix="returns-bench-api-"))
+    os.environ.update({"RETURNS_HOME": str(base / "home"), "RETURNS_DATABASE_URL": f"sqlite:///{base / 'r.db'}",
+                       "RETURNS_PREFECT_PORT": str(free_port())})
+    os.environ.pop("PREFECT_API_URL", None)
+    from adapters.clock import utcnow
+    from adapters.db import upgrade
+    from entrypoints.api.app import create_app
+    from entrypoints.api.client import Storefront
+    from entrypoints.api.config import ApiConfig
+    from entrypoints.api.serve import api_thread
+    from entrypoints.api.submit import ThroughPrefect
+    from entrypoints.orchestrate import orchestrated
+    from models.schemas import ImportIn, ReturnRequestIn, parse
+    from service import stages
+    from service.stages import LocalSteps
+    from service.steps import Pipeline
+
+    per = {c: max(args.n, 4 * c) for c in args.clients}
+    total = sum(per.values()) * 3  # api, raw and floor each use their own orders
+    pipeline = Pipeline.from_env()
+    upgrade(pipeline.settings.database_url)
+    pipeline.import_data(parse(ImportIn, synthetic_catalog(total, utcnow())))
+    tag = f"{utcnow():%H%M%S}"
+    orders = iter(range(total))
+    rows: list[dict[str, Any]] = []
+    config = ApiConfig(secret=b"bench", key_rate=1e6, address_rate=1e6, wait_seconds=30)
+    with orchestrated(base / "prefect") as driver, \
+            api_thread(create_app(pipeline, ThroughPrefect(driver.api, pipeline), config), "127.0.0.1",
+                       free_port()) as url:
+        storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()))
+        warm = request_params(next(orders), tag)
+        storefront.request(parse(ReturnRequestIn, warm), "warm-up")  # first run imports and registers things
+        quote = parse(ReturnRequestIn, request_params(0, tag))
+        for clients in args.clients:
+            q = timed([lambda: storefront.quote(quote)] * args.quotes, clients)
+
+            def api_call(i: int) -> Any:
+                params = request_params(i, tag)
+                return lambda: storefront.request(parse(ReturnRequestIn, params), params["idempotency_key"])
+
+            def raw_call(i: int) -> Any:
+                params = request_params(i, tag)
+                return lambda: driver.api.run("request-return/storefront", params, f"raw-{params['idempotency_key']}")
+
+            def floor_call(i: int) -> Any:
+                req = parse(ReturnRequestIn, request_params(i, tag))
+                return lambda: stages.after_request(LocalSteps(pipeline), req)
+
+            measured = {"quote": q}
+            for path, make in (("api request", api_call), ("raw request", raw_call), ("floor", floor_call)):
+                measured[path] = timed([make(next(orders)) for _ in range(per[clients])], clients)
+            for path, values in measured.items():
+                rows.append({"clients": clients, "path": path, "n": len(values)} | summary(values))
+            sys.stderr.write(f"[bench.api] {clients} client(s) done\n")
+    by = {(r["clients"], r["path"]): r for r in rows}
+    for r in rows:
+        api = by[(r["clients"], "api request")]
+        if r["path"] == "api request":
+            r["api/raw p50"] = api["p50"] / by[(r["clients"], "raw request")]["p50"]
+            r["api/floor p50"] = api["p50"] / by[(r["clients"], "floor")]["p50"]
+    print("| clients | path | n | p50 ms | p95 ms | api/raw p50 | api/floor p50 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratios = [f"{r[k]:.2f}" if k in r else "" for k in ("api/raw p50", "api/floor p50")]
+        print(f"| {r['clients']} | {r['path']} | {r['n']} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | "
+              f"{ratios[0]} | {ratios[1]} |")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"api-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps({"code": code_version(), "machine": machine(), "rows": rows}, indent=2, default=str))
+    sys.stderr.write(f"[bench.api] wrote {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
