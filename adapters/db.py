@@ -44,8 +44,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]
-            # IMMEDIATE takes the write lock up front: read-then-write transactions cannot deadlock.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # IMMEDIATE takes the write lock up front: read-then-write transactions cannot deadlock. A read-only
+            # unit of work (a poll) takes no lock at all under WAL, so pollers never queue behind writers.
+            read_only = conn.get_execution_options().get("read_only")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -58,9 +60,10 @@ def engine_for(url: str) -> Engine:
 
 
 @contextmanager
-def unit_of_work(engine: Engine) -> Iterator[Session]:
-    """A session that commits once on success, else rolls back; lock and connection errors become TransientError."""
-    session = Session(engine, expire_on_commit=False)
+def unit_of_work(engine: Engine, read_only: bool = False) -> Iterator[Session]:
+    """A session that commits once on success, else rolls back; lock and connection errors become TransientError.
+    `read_only` (for polls that write nothing) skips SQLite's write lock."""
+    session = Session(engine.execution_options(read_only=True) if read_only else engine, expire_on_commit=False)
     try:
         yield session
         session.commit()

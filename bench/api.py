@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.steps import Pipeline
 
     per = {c: max(args.n, 4 * c) for c in args.clients}
-    total = sum(per.values()) * 3  # api, raw and floor each use their own orders
+    total = sum(per.values()) * 3 + 1  # api, raw and floor each use their own orders; one warms up
     pipeline = Pipeline.from_env()
     upgrade(pipeline.settings.database_url)
     pipeline.import_data(parse(ImportIn, synthetic_catalog(total, utcnow())))
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     config = ApiConfig(secret=b"bench", key_rate=1e6, address_rate=1e6, wait_seconds=30)
     with orchestrated(base / "prefect") as driver, \
-            api_thread(create_app(pipeline, ThroughPrefect(driver.api, pipeline), config), "127.0.0.1",
+            api_thread(create_app(pipeline, ThroughPrefect.over(driver.api, pipeline), config), "127.0.0.1",
                        free_port()) as url:
-        storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()))
+        storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()), timeout=300)
         warm = request_params(next(orders), tag)
         storefront.request(parse(ReturnRequestIn, warm), "warm-up")  # first run imports and registers things
         quote = parse(ReturnRequestIn, request_params(0, tag))

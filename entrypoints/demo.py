@@ -166,7 +166,7 @@ def run_demo(exit_when_done: bool = True, in_process: bool = False) -> int:
 
     config = ApiConfig.from_env(pipeline.settings.home)
     with orchestrated(pipeline.settings.home.parent / "prefect") as driver, \
-            api_thread(create_app(pipeline, Submit(driver.api, pipeline), config), config.host,
+            api_thread(create_app(pipeline, Submit.over(driver.api, pipeline), config), config.host,
                        _free(config.host, config.port)) as api_url:
         storefront = Storefront(api_url, pipeline.create_api_key(f"demo-{utcnow():%Y%m%d%H%M%S}", utcnow()))
         _say(f"storefront API at {api_url} (docs {api_url}/docs, the shopper's page {api_url}/returns)")

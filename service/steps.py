@@ -77,7 +77,7 @@ class Pipeline:
 
     def lookup(self, order_number: str, idempotency_key: str) -> Decided | None:
         """The stored outcome of the request made for this order with this idempotency key, if any."""
-        with unit_of_work(self.engine) as session:
+        with unit_of_work(self.engine, read_only=True) as session:
             ret = session.scalars(select(Return).where(col(Return.order_number) == order_number,
                                                        col(Return.idempotency_key) == idempotency_key)).first()
             return None if ret is None else svc.decided(ret, replayed=True)

@@ -3,9 +3,16 @@ plain steps at a chosen moment (what the command line and the demo do, replayabl
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -89,3 +96,50 @@ def finish(p: Pipeline, rma: str, now: datetime, actor: Actor = API) -> Complete
 def as_json(out: Any) -> Any:
     """A stage's typed result as the JSON the edges answer."""
     return out.to_json() if hasattr(out, "to_json") else out
+
+
+@dataclass
+class WebhookReceiver:
+    """A storefront's webhook endpoint on loopback: answers `answers` in turn (then 204) and keeps what it took."""
+
+    url: str = ""
+    answers: list[int] = field(default_factory=list)
+    got: list[tuple[str, bytes]] = field(default_factory=list)  # (Returns-Signature, body) of each accepted POST
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.got]
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events()]
+
+    def wait_for(self, wanted: set[str], timeout: float = 30.0) -> set[str]:
+        """The event types seen once `wanted` are among them (or the timeout passed)."""
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.types()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return set(self.types())
+
+
+@contextmanager
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    found = WebhookReceiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = found.answers.pop(0) if found.answers else 204
+            if status < 300:
+                found.got.append((self.headers["Returns-Signature"], body))
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    found.url = f"http://127.0.0.1:{server.server_address[1]}/returns-events"
+    try:
+        yield found
+    finally:
+        server.shutdown()

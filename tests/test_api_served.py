@@ -13,18 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import ROOT, SAMPLE, make_pipeline
-from helpers import free_port
+from helpers import WebhookReceiver, free_port, webhook_receiver
 
-from adapters.webhooks import SIGNATURE_HEADER, verify
+from adapters.webhooks import verify
 from entrypoints.demo import shifted_catalog
 from entrypoints.prefect_api import PrefectApi
 from entrypoints.verbs import ThroughPrefect
@@ -37,53 +36,14 @@ REQUESTS: dict[str, dict[str, Any]] = {
     s["request"]["order_number"]: {k: v for k, v in s["request"].items() if k != "idempotency_key"}
     for s in json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
 }
+SECRET: dict[str, str] = {}
 EMAILS = {c["email"] for c in json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))["customers"]}
 
 
-@dataclass
-class Receiver:
-    """A storefront's webhook endpoint on loopback: keeps every delivery with its signature header."""
-
-    url: str = ""
-    secret: str = ""
-    deliveries: list[tuple[str, bytes]] = field(default_factory=list)
-    fail_first: int = 0  # answer 503 to this many deliveries first (the relay must retry)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.deliveries]
-
-    def wait_for(self, wanted: set[str], timeout: float = 30.0) -> set[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = {e["type"] for e in self.events()}
-            if wanted <= seen or time.monotonic() > deadline:
-                return seen
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if found.fail_first > 0:
-                found.fail_first -= 1
-                self.send_response(503)
-            else:
-                found.deliveries.append((self.headers[SIGNATURE_HEADER], body))
-                self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/returns"
-    yield found
-    server.shutdown()
+def receiver() -> Iterator[WebhookReceiver]:
+    with webhook_receiver() as found:
+        yield found
 
 
 @dataclass
@@ -101,14 +61,13 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("serve")
     url = f"sqlite:///{base / 'returns.db'}"
     pipeline = make_pipeline(base / "home", url)
     pipeline.import_data(parse(ImportIn, shifted_catalog(datetime.now(UTC))))
     key = pipeline.create_api_key("storefront-test", datetime.now(UTC))
-    hook = pipeline.add_webhook(receiver.url, datetime.now(UTC))
-    receiver.secret = hook["secret"]
+    SECRET["webhook"] = pipeline.add_webhook(receiver.url, datetime.now(UTC))["secret"]
     api_port, prefect_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RETURNS_"))} | {
         "RETURNS_HOME": str(base / "home"), "RETURNS_DATABASE_URL": url,
@@ -152,7 +111,8 @@ def test_serve_prints_the_api_and_the_prefect_ui(served: Served) -> None:
     assert f"prefect_ui: http://127.0.0.1:{served.ports[1]}" in printed
 
 
-def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served: Served, receiver: Receiver) -> None:
+def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served: Served,
+                                                                        receiver: WebhookReceiver) -> None:
     quote = served.api.post("/v1/quotes", json=REQUESTS["IS-1001"])
     assert quote.status_code == 200 and quote.json()["decision"] == "authorized", quote.text
 
@@ -175,9 +135,9 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
 
     # the webhook: return.authorized, signed over the timestamp and the body
     assert "return.authorized" in receiver.wait_for({"return.authorized"})
-    header, body = next((h, b) for h, b in receiver.deliveries if json.loads(b)["rma_number"] == rma)
-    assert verify(receiver.secret, header, body, now=int(time.time()))
-    assert not verify(receiver.secret, header, body.replace(b"authorized", b"completed"), now=int(time.time()))
+    header, body = next((h, b) for h, b in receiver.got if json.loads(b)["rma_number"] == rma)
+    assert verify(SECRET["webhook"], header, body, now=int(time.time()))
+    assert not verify(SECRET["webhook"], header, body.replace(b"authorized", b"completed"), now=int(time.time()))
 
 
 def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:
@@ -214,7 +174,7 @@ def test_concurrent_calls_with_one_key_make_one_run_and_one_return(served: Serve
 
 
 def test_the_dock_receipt_completes_it_and_every_transition_reaches_the_webhook(served: Served,
-                                                                               receiver: Receiver) -> None:
+                                                                               receiver: WebhookReceiver) -> None:
     rma = served.ask("IS-1011", "served-1011").json()["rma_number"]
     verbs = ThroughPrefect(served.prefect, served.pipeline)
     verbs.receive(parse(ReceiptIn, {"rma": rma, "received_at": datetime.now(UTC).isoformat(), "by": "dock",
@@ -229,10 +189,10 @@ def test_the_dock_receipt_completes_it_and_every_transition_reaches_the_webhook(
         time.sleep(0.2)
         types = [e["type"] for e in receiver.events() if e["rma_number"] == rma]
     assert types == ["return.authorized", "return.received", "return.completed"]
-    for header, body in receiver.deliveries:
-        assert verify(receiver.secret, header, body, now=int(time.time()))
+    for header, body in receiver.got:
+        assert verify(SECRET["webhook"], header, body, now=int(time.time()))
     shown = served.pipeline.webhooks()[0]
-    assert shown["deliveries"].get("sent", 0) == len(receiver.deliveries) and shown["latest"][0]["status"] == "sent"
+    assert shown["deliveries"].get("sent", 0) == len(receiver.got) and shown["latest"][0]["status"] == "sent"
 
 
 def test_no_email_address_in_any_prefect_object(served: Served) -> None:

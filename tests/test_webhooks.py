@@ -5,18 +5,14 @@ each delivery visible. A receiver on loopback checks the signature as a storefro
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from conftest import SAMPLE
-from helpers import LATER, NOW, cancel, receive, request
+from helpers import LATER, NOW, WebhookReceiver, cancel, receive, request, webhook_receiver
 
-from adapters.webhooks import SIGNATURE_HEADER, signature, verify
+from adapters.webhooks import signature, verify
 from models.schemas import ReceiptIn, ReturnRequestIn, parse
 from service.steps import Pipeline
 
@@ -24,44 +20,17 @@ SAMPLE_REQUESTS = {s["request"]["order_number"]: s["request"] for s in json.load
     (SAMPLE / "requests.json").read_text(encoding="utf-8"))}
 
 
-@dataclass
-class Hook:
-    url: str = ""
-    answers: list[int] = field(default_factory=list)  # statuses to answer, in order; then 200
-    got: list[tuple[str, bytes]] = field(default_factory=list)
-
-    def types(self) -> list[str]:
-        return [json.loads(body)["type"] for _, body in self.got]
-
-
 @pytest.fixture
-def hook() -> Iterator[Hook]:
-    found = Hook()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            status = found.answers.pop(0) if found.answers else 200
-            if status == 200:
-                found.got.append((self.headers[SIGNATURE_HEADER], body))
-            self.send_response(status)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/returns-events"
-    yield found
-    server.shutdown()
+def hook() -> Iterator[WebhookReceiver]:
+    with webhook_receiver() as found:
+        yield found
 
 
 def ask(order: str) -> ReturnRequestIn:
     return parse(ReturnRequestIn, SAMPLE_REQUESTS[order])
 
 
-def test_every_transition_is_posted_signed_once_per_endpoint(sample_pipeline: Pipeline, hook: Hook) -> None:
+def test_every_transition_is_posted_signed_once_per_endpoint(sample_pipeline: Pipeline, hook: WebhookReceiver) -> None:
     p = sample_pipeline
     secret = p.add_webhook(hook.url, NOW)["secret"]
     rma = request(p, ask("IS-1001")).rma_number
@@ -86,7 +55,7 @@ def test_every_transition_is_posted_signed_once_per_endpoint(sample_pipeline: Pi
 
 
 def test_a_failing_endpoint_is_retried_with_backoff_and_each_attempt_is_visible(sample_pipeline: Pipeline,
-                                                                                 hook: Hook) -> None:
+                                                                                 hook: WebhookReceiver) -> None:
     p = sample_pipeline
     p.add_webhook(hook.url, NOW)
     hook.answers = [503, 500]
@@ -112,7 +81,7 @@ def test_an_unreachable_endpoint_does_not_hold_back_the_emails(sample_pipeline: 
     assert p.webhooks()[0]["deliveries"] == {"pending": 1}
 
 
-def test_a_removed_endpoint_gets_nothing_more(sample_pipeline: Pipeline, hook: Hook) -> None:
+def test_a_removed_endpoint_gets_nothing_more(sample_pipeline: Pipeline, hook: WebhookReceiver) -> None:
     p = sample_pipeline
     endpoint = p.add_webhook(hook.url, NOW)
     rma = request(p, ask("IS-1001")).rma_number

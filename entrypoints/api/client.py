@@ -21,13 +21,19 @@ class Storefront:
     def quote(self, req: ReturnRequestIn) -> dict[str, Any]:
         return self._json(self.http.post("/v1/quotes", json=_body(req)))
 
-    def create(self, req: ReturnRequestIn, idempotency_key: str) -> httpx.Response:
-        """One call: 201 (decided), 202 (still running), or a problem."""
-        return self.http.post("/v1/returns", json=_body(req), headers={"Idempotency-Key": idempotency_key})
+    def create(self, req: ReturnRequestIn, idempotency_key: str, patience: float = 120.0) -> httpx.Response:
+        """201 (decided), 202 (still running), or a problem; a 503 or 429 is retried with the same key (that is
+        what the key is for) until `patience` runs out."""
+        deadline = time.monotonic() + patience
+        while True:
+            r = self.http.post("/v1/returns", json=_body(req), headers={"Idempotency-Key": idempotency_key})
+            if r.status_code not in (429, 503) or time.monotonic() > deadline:
+                return r
+            time.sleep(min(float(r.headers.get("Retry-After", "1")), 5.0))
 
     def request(self, req: ReturnRequestIn, idempotency_key: str, patience: float = 120.0) -> dict[str, Any]:
         """The decision: a 202 is followed at its Location until the flow has decided."""
-        r = self.create(req, idempotency_key)
+        r = self.create(req, idempotency_key, patience)
         deadline = time.monotonic() + patience
         while r.status_code == 202 or (r.status_code == 200 and r.json().get("status") == "pending"):
             if time.monotonic() > deadline:

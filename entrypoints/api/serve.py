@@ -51,7 +51,7 @@ def run_serve() -> int:
     ensure_schema(pipeline)
     config = ApiConfig.from_env(pipeline.settings.home)
     with orchestrated(pipeline.settings.home / "prefect") as driver:
-        app = create_app(pipeline, ThroughPrefect(driver.api, pipeline), config)
+        app = create_app(pipeline, ThroughPrefect.over(driver.api, pipeline), config)
         server = uvicorn_server(app, config.host, config.port)
         _say({"api": f"http://{config.host}:{config.port}", "docs": f"http://{config.host}:{config.port}/docs",
               "prefect_ui": driver.ui_url})

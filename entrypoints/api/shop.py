@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from adapters.mail.templates import TEMPLATES
 from entrypoints.api import sessions, views
+from entrypoints.api.app import label_response
 from entrypoints.api.problems import Problem
 from entrypoints.api.submit import ready
 from models.errors import InvalidInput, NotFound
@@ -166,41 +167,37 @@ def add_shop(app: FastAPI, api: Any) -> None:
         return render(request, "request.html.j2", session, decided=decided, words=OUTCOME_WORDS,
                       names={u["sku"]: u["name"] for u in api.pipeline.units_left(accepted.order_number)})
 
-    def owned_return(request: Request, rma_text: str) -> tuple[sessions.Session | None, dict[str, Any] | None]:
-        """The return, if it belongs to the session's order (another order's RMA is 404, like an unknown one)."""
+    def owned_return(request: Request, rma_text: str) -> Response | tuple[sessions.Session, dict[str, Any]]:
+        """The session and the return, if it belongs to the session's order; else the page to answer (the look-up
+        without a session; 404 for another order's RMA, as for an unknown one)."""
         session = order_session(request)
         if session is None:
-            return None, None
+            return to_lookup()
         try:
-            shown = api.pipeline.show(parse_rma(rma_text), api.clock())
+            shown: dict[str, Any] | None = api.pipeline.show(parse_rma(rma_text), api.clock())
         except (InvalidInput, NotFound):
-            return session, None
-        return session, shown if shown["order_number"] == session.order else None
+            shown = None
+        if shown is None or shown["order_number"] != session.order:
+            return not_found(request, session)
+        return session, shown
 
     def not_found(request: Request, session: sessions.Session) -> HTMLResponse:
         return render(request, "missing.html.j2", session, 404)
 
     @app.get("/returns/rma/{rma}", response_class=HTMLResponse, include_in_schema=False)
     def return_page(request: Request, rma: str) -> Response:
-        session, shown = owned_return(request, rma)
-        if session is None:
-            return to_lookup()
-        if shown is None:
-            return not_found(request, session)
+        found = owned_return(request, rma)
+        if isinstance(found, Response):
+            return found
+        session, shown = found
         names = {u["sku"]: u["name"] for u in api.pipeline.units_left(session.order or "")}
         return render(request, "return.html.j2", session, ret=views.status(shown), names=names,
                       words=OUTCOME_WORDS, address=api.pipeline.settings.shop.returns_address_lines)
 
     @app.get("/returns/rma/{rma}/label.pdf", include_in_schema=False)
     def label_page(request: Request, rma: str) -> Response:
-        from entrypoints.api.app import label_response
-
-        session, shown = owned_return(request, rma)
-        if session is None:
-            return to_lookup()
-        if shown is None:
-            return not_found(request, session)
-        return label_response(api.pipeline, str(shown["rma_number"]))
+        found = owned_return(request, rma)
+        return found if isinstance(found, Response) else label_response(api.pipeline, str(found[1]["rma_number"]))
 
 
 def first(fields: dict[str, list[str]], name: str) -> str:

@@ -51,8 +51,17 @@ class ThroughPrefect:
 
     api: PrefectApi
     pipeline: Pipeline
-    poll: float = 0.02  # the returns database: cheap to ask
-    state_every: float = 0.5  # the Prefect API: each read costs its server CPU
+    poll: float = 0.02  # the returns database (a read without a lock): first poll, growing by half to `max_poll`
+    max_poll: float = 0.2
+    state_every: float = 1.0  # the Prefect API: each read costs its server CPU
+
+    @classmethod
+    def over(cls, api: PrefectApi, pipeline: Pipeline, patience: float = 10.0) -> ThroughPrefect:
+        """A submitter on its own client of `api` that gives up on a busy Prefect server after `patience` s (the
+        storefront then hears 503 and retries with the same key) instead of holding its call for minutes."""
+        own = PrefectApi(api.api_url, patience=patience)
+        own.http.headers.update(api.http.headers)
+        return cls(own, pipeline)
 
     def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
         run_id = accepted.flow_run_id
@@ -62,6 +71,7 @@ class ThroughPrefect:
             self.pipeline.request_started(accepted.reference, run_id)
         deadline = time.monotonic() + wait
         next_state = time.monotonic() + self.state_every
+        poll = self.poll
         while True:
             found = self.pipeline.decided_request(accepted)
             if ready(self.pipeline, found):
@@ -74,4 +84,5 @@ class ThroughPrefect:
                 next_state = now + self.state_every
             if now >= deadline:
                 return None
-            time.sleep(self.poll)
+            time.sleep(min(poll, max(0.0, deadline - now)))
+            poll = min(poll * 1.5, self.max_poll)

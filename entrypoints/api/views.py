@@ -44,8 +44,8 @@ class UnitsOut(BaseModel):
     quantity_left: int
 
 
-class QuoteOut(BaseModel):
-    """The decision a request would get (nothing is written), and what each order line has left to return."""
+class DecisionOut(BaseModel):
+    """A decision (R14) with each line's clauses and reason, as the command line prints it."""
 
     decision: Decision
     policy_version: str
@@ -56,24 +56,20 @@ class QuoteOut(BaseModel):
     lines: list[LineOut]
     refund_total: str
     prepaid_label: bool
+
+
+class QuoteOut(DecisionOut):
+    """The decision a request would get (nothing is written), and what each order line has left to return."""
+
     units: list[UnitsOut]
 
 
-class ReturnCreated(BaseModel):
+class ReturnCreated(DecisionOut):
     """A stored request's decision, with where to follow it."""
 
     request: str
-    decision: Decision
     rma_number: str | None
     state: str
-    policy_version: str
-    reason: str
-    resolution: str
-    clauses: list[str]
-    summary: str
-    lines: list[LineOut]
-    refund_total: str
-    prepaid_label: bool
     status_url: str
     label_url: str | None
 
