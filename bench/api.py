@@ -42,6 +42,20 @@ def timed(calls: list[Any], clients: int) -> list[float]:
         return list(pool.map(one, calls))
 
 
+def clock(obj: Any, name: str, into: dict[str, list[float]]) -> None:
+    """Wrap obj.name so that each call's wall time is appended to into[name]."""
+    inner = getattr(obj, name)
+
+    def timed_call(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            into.setdefault(name, []).append(time.perf_counter() - start)
+
+    setattr(obj, name, timed_call)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=16, help="requests per client count and path (at least 4 x clients)")
@@ -56,14 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.clock import utcnow
     from adapters.db import upgrade
     from entrypoints.api.app import create_app
-    from entrypoints.api.client import Storefront
     from entrypoints.api.config import ApiConfig
     from entrypoints.api.serve import api_thread
     from entrypoints.api.submit import ThroughPrefect
     from entrypoints.orchestrate import orchestrated
-    from models.schemas import ImportIn, ReturnRequestIn, parse
-    from service import stages
-    from service.stages import LocalSteps
+    from models.schemas import ImportIn, parse
     from service.steps import Pipeline
 
     per = {c: max(args.n, 4 * c) for c in args.clients}
@@ -75,34 +86,65 @@ def main(argv: list[str] | None = None) -> int:
     orders = iter(range(total))
     rows: list[dict[str, Any]] = []
     config = ApiConfig(secret=b"bench", key_rate=1e6, address_rate=1e6, wait_seconds=30)
-    with orchestrated(base / "prefect") as driver, \
-            api_thread(create_app(pipeline, ThroughPrefect.over(driver.api, pipeline), config), "127.0.0.1",
-                       free_port()) as url:
-        storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()), timeout=300)
-        warm = request_params(next(orders), tag)
-        storefront.request(parse(ReturnRequestIn, warm), "warm-up")  # first run imports and registers things
-        quote = parse(ReturnRequestIn, request_params(0, tag))
-        for clients in args.clients:
-            q = timed([lambda: storefront.quote(quote)] * args.quotes, clients)
+    phases: dict[str, list[float]] = {}
+    with orchestrated(base / "prefect") as driver:
+        submitter = ThroughPrefect.over(driver.api, pipeline)
+        # Where an API request's time goes: the R13 check and store, the run's creation, the waiting.
+        clock(pipeline, "accept", phases)
+        clock(submitter.api, "create_run", phases)
+        clock(submitter, "submit", phases)
+        clock(pipeline, "decided_request", phases)
+        with api_thread(create_app(pipeline, submitter, config), "127.0.0.1", free_port()) as url:
+            run_levels(args, per, driver, pipeline, url, orders, tag, rows, phases)
+    report(rows)
+    return 0
 
-            def api_call(i: int) -> Any:
-                params = request_params(i, tag)
-                return lambda: storefront.request(parse(ReturnRequestIn, params), params["idempotency_key"])
 
-            def raw_call(i: int) -> Any:
-                params = request_params(i, tag)
-                return lambda: driver.api.run("request-return/storefront", params, f"raw-{params['idempotency_key']}")
+def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, url: str, orders: Any, tag: str,
+               rows: list[dict[str, Any]], phases: dict[str, list[float]]) -> None:
+    """Each client count: quotes, then API requests, raw Prefect requests and the floor, each on fresh orders."""
+    from adapters.clock import utcnow
+    from entrypoints.api.client import Storefront
+    from models.schemas import ReturnRequestIn, parse
+    from service import stages
+    from service.stages import LocalSteps
 
-            def floor_call(i: int) -> Any:
-                req = parse(ReturnRequestIn, request_params(i, tag))
-                return lambda: stages.after_request(LocalSteps(pipeline), req)
+    storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()), timeout=300)
+    warm = request_params(next(orders), tag)
+    storefront.request(parse(ReturnRequestIn, warm), "warm-up")  # first run imports and registers things
+    quote = parse(ReturnRequestIn, request_params(0, tag))
+    for clients in args.clients:
+        q = timed([lambda: storefront.quote(quote)] * args.quotes, clients)
 
-            measured = {"quote": q}
-            for path, make in (("api request", api_call), ("raw request", raw_call), ("floor", floor_call)):
-                measured[path] = timed([make(next(orders)) for _ in range(per[clients])], clients)
-            for path, values in measured.items():
-                rows.append({"clients": clients, "path": path, "n": len(values)} | summary(values))
-            sys.stderr.write(f"[bench.api] {clients} client(s) done\n")
+        def api_call(i: int) -> Any:
+            params = request_params(i, tag)
+            return lambda: storefront.request(parse(ReturnRequestIn, params), params["idempotency_key"])
+
+        def raw_call(i: int) -> Any:
+            params = request_params(i, tag)
+            return lambda: driver.api.run("request-return/storefront", params, f"raw-{params['idempotency_key']}")
+
+        def floor_call(i: int) -> Any:
+            req = parse(ReturnRequestIn, request_params(i, tag))
+            return lambda: stages.after_request(LocalSteps(pipeline), req)
+
+        measured = {"quote": q}
+        for path, make in (("api request", api_call), ("raw request", raw_call), ("floor", floor_call)):
+            if path == "api request":
+                phases.clear()
+            measured[path] = timed([make(next(orders)) for _ in range(per[clients])], clients)
+            if path == "api request":
+                rows += [{"clients": clients, "path": f"  api: {name}", "n": len(v)} | summary(v)
+                         for name, v in phases.items() if name != "decided_request"]
+                rows.append({"clients": clients, "path": "  api: database polls per request",
+                             "n": len(phases.get("decided_request", [])) / per[clients]})
+        for path, values in measured.items():
+            rows.append({"clients": clients, "path": path, "n": len(values)} | summary(values))
+        sys.stderr.write(f"[bench.api] {clients} client(s) done\n")
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    """The table on stdout, ratios within the run; the rows as JSON under bench/results/."""
     by = {(r["clients"], r["path"]): r for r in rows}
     for r in rows:
         api = by[(r["clients"], "api request")]
@@ -113,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratios = [f"{r[k]:.2f}" if k in r else "" for k in ("api/raw p50", "api/floor p50")]
-        print(f"| {r['clients']} | {r['path']} | {r['n']} | {1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | "
-              f"{ratios[0]} | {ratios[1]} |")
+        ms = [f"{1000 * r[k]:.0f}" if r.get(k) is not None else "" for k in ("p50", "p95")]
+        n = f"{r['n']:.1f}" if isinstance(r["n"], float) else r["n"]
+        print(f"| {r['clients']} | {r['path']} | {n} | {ms[0]} | {ms[1]} | {ratios[0]} | {ratios[1]} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"api-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps({"code": code_version(), "machine": machine(), "rows": rows}, indent=2, default=str))
     sys.stderr.write(f"[bench.api] wrote {out}\n")
-    return 0
 
 
 if __name__ == "__main__":
