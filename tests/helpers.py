@@ -4,7 +4,9 @@ plain steps at a chosen moment (what the command line and the demo do, replayabl
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -143,3 +145,15 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
         yield found
     finally:
         server.shutdown()
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    """SIGTERM a process we started (it stops what it started), then SIGKILL if it outstays `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT, SAMPLE, make_pipeline
-from helpers import WebhookReceiver, free_port, webhook_receiver
+from helpers import WebhookReceiver, free_port, terminate, webhook_receiver
 
 from adapters.webhooks import verify
 from entrypoints.demo import shifted_catalog
@@ -95,13 +95,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver) 
         prefect = PrefectApi(f"http://127.0.0.1:{prefect_port}/api")
         yield Served(api, prefect, pipeline, proc, (api_port, prefect_port), log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
         api.close()
 
 
