@@ -127,8 +127,16 @@ def test_a_session_sees_only_its_own_orders_returns(site: Site) -> None:
         assert c.get(f"/returns/rma/{mine}").status_code == 404
         assert c.get(f"/returns/rma/{mine}/label.pdf").status_code == 404
         assert c.get(f"/returns/rma/{theirs}").status_code == 200
-    with site.client() as c:
-        assert c.get(f"/returns/rma/{mine}").status_code == 303  # no session: back to the look-up
+    with site.client() as c:  # no session (the RMA email's link): the look-up, then straight to the return
+        first = c.get(f"/returns/rma/{mine}")
+        assert first.status_code == 303 and first.headers["location"] == f"/returns?next=/returns/rma/{mine}"
+        page = c.get(first.headers["location"])
+        done = c.post("/returns", data={"csrf": csrf(page), "order_number": "IS-1001", "email": OWNER["IS-1001"],
+                                        "next": hidden(page)["next"]})
+        assert done.headers["location"] == f"/returns/rma/{mine}"
+        evil = c.post("/returns", data={"csrf": csrf(c.get("/returns")), "order_number": "IS-1001",
+                                        "email": OWNER["IS-1001"], "next": "https://evil.example/returns/rma/x"})
+        assert evil.headers["location"] == "/returns/order"
 
 
 def test_the_order_page_says_why_an_item_cannot_be_returned_with_its_clause(site: Site) -> None:

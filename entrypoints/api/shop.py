@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -41,6 +42,7 @@ RESOLUTIONS = {"refund": "Refund to my original payment", "replacement": "Send a
                "exchange": "Exchange for the correct product"}
 OUTCOME_WORDS = {"authorized": "Can be returned", "declined": "Cannot be returned", "review": "Needs a check"}
 MAX_FORM = 16 * 1024
+RETURN_PAGE = re.compile(r"/returns/rma/RMA-[0-9A-Z]{7}")
 
 
 def add_shop(app: FastAPI, api: Any) -> None:
@@ -81,13 +83,15 @@ def add_shop(app: FastAPI, api: Any) -> None:
         session = current(request)
         return session if session is not None and session.order else None
 
-    def to_lookup() -> RedirectResponse:
-        return RedirectResponse("/returns", status_code=303)
+    def to_lookup(then: str | None = None) -> RedirectResponse:
+        """The look-up page; `then` (a return's page, e.g. from the RMA email) is where a match goes next."""
+        return RedirectResponse(f"/returns?next={quote(then)}" if then else "/returns", status_code=303)
 
     @app.get("/returns", response_class=HTMLResponse, include_in_schema=False)
     def lookup_page(request: Request) -> HTMLResponse:
         session = current(request) or sessions.new_session(None, api.config.session_minutes)
-        return render(request, "lookup.html.j2", session, error=None, order_number="")
+        return render(request, "lookup.html.j2", session, error=None, order_number="",
+                      then=onward(request.query_params.get("next")))
 
     @app.post("/returns", response_class=HTMLResponse, include_in_schema=False)
     async def lookup(request: Request) -> Response:
@@ -96,15 +100,15 @@ def add_shop(app: FastAPI, api: Any) -> None:
         if wait := api.lookups.refused_for(client):
             return render(request, "lookup.html.j2", session, 429, {"Retry-After": str(int(wait) + 1)},
                           error="Too many attempts from this connection. Please wait a while and try again, or call "
-                                "Customer Care.", order_number="")
+                                "Customer Care.", order_number="", then=None)
         number, email = first(fields, "order_number").strip(), first(fields, "email").strip()
         matched = len(number) <= 64 and len(email) <= 254 and await run_in_threadpool(
             api.pipeline.owner_matches, number, email)
         if not matched:
             await asyncio.sleep(api.lookups.failed(client))  # slowed, without holding a worker thread
             return render(request, "lookup.html.j2", session, 200, error=SAME_ANSWER_FOR_R13.capitalize() + ".",
-                          order_number=number[:64])
-        response = RedirectResponse("/returns/order", status_code=303)
+                          order_number=number[:64], then=onward(first(fields, "next")))
+        response = RedirectResponse(onward(first(fields, "next")) or "/returns/order", status_code=303)
         keep(response, sessions.new_session(number, api.config.session_minutes))
         return response
 
@@ -172,7 +176,7 @@ def add_shop(app: FastAPI, api: Any) -> None:
         without a session; 404 for another order's RMA, as for an unknown one)."""
         session = order_session(request)
         if session is None:
-            return to_lookup()
+            return to_lookup(f"/returns/rma/{rma_text}")
         try:
             shown: dict[str, Any] | None = api.pipeline.show(parse_rma(rma_text), api.clock())
         except (InvalidInput, NotFound):
@@ -198,6 +202,11 @@ def add_shop(app: FastAPI, api: Any) -> None:
     def label_page(request: Request, rma: str) -> Response:
         found = owned_return(request, rma)
         return found if isinstance(found, Response) else label_response(api.pipeline, str(found[1]["rma_number"]))
+
+
+def onward(path: str | None) -> str | None:
+    """A return's page to go on to after the look-up; anything else (another site, another path) is dropped."""
+    return path if path and RETURN_PAGE.fullmatch(path) else None
 
 
 def first(fields: dict[str, list[str]], name: str) -> str:
