@@ -204,7 +204,8 @@ def order_returns(session: Session, order_number: str) -> list[Return]:
     """The order's returns, oldest first; NotFound for an unknown order."""
     if session.get(Order, order_number) is None:
         raise NotFound(f"no order has number {order_number}")
-    return list(session.scalars(select(Return).where(Return.order_number == order_number).order_by(col(Return.id))))
+    query = select(Return).where(col(Return.order_number) == order_number).order_by(col(Return.id))
+    return list(session.scalars(query))
 
 
 def _to_request(req: ReturnRequestIn) -> pol.ReturnRequest:

@@ -26,9 +26,8 @@ from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
 from models.states import State
 from models.tables import Customer, Order, OutboxMessage, Product, Refund, RefundAllocation, Return, Transition
-from service import refunds
+from service import refunds, storefront
 from service import returns as svc
-from service import storefront
 from service.relay import RelayReport, relay
 from service.results import Accepted, Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
 from service.returns import Actor

@@ -51,7 +51,7 @@ def key_name(name: str) -> str:
 
 def create_key(session: Session, name: str, now: datetime) -> str:
     """A new key for `name`; only its hash is stored, so this is the one time it can be read."""
-    if session.scalars(select(ApiKey.id).where(ApiKey.name == key_name(name))).first() is not None:
+    if session.scalars(select(col(ApiKey.id)).where(col(ApiKey.name) == key_name(name))).first() is not None:
         raise InvalidInput(f"an API key named {name} exists already (revoked names are not reused)")
     key = "rk_" + secrets.token_urlsafe(32)
     session.add(ApiKey(name=name, key_hash=hash_key(key), created_at=now))
@@ -60,7 +60,7 @@ def create_key(session: Session, name: str, now: datetime) -> str:
 
 
 def revoke_key(session: Session, name: str, now: datetime) -> None:
-    found = session.scalars(select(ApiKey).where(ApiKey.name == key_name(name))).first()
+    found = session.scalars(select(ApiKey).where(col(ApiKey.name) == key_name(name))).first()
     if found is None:
         raise NotFound(f"no API key is named {name}")
     if found.revoked_at is None:
@@ -69,7 +69,7 @@ def revoke_key(session: Session, name: str, now: datetime) -> None:
 
 def active_key(session: Session, key: str) -> ApiKey | None:
     """The live key with this secret, else None (unknown and revoked look alike)."""
-    found = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
+    found = session.scalars(select(ApiKey).where(col(ApiKey.key_hash) == hash_key(key))).first()
     return found if found is not None and found.revoked_at is None else None
 
 
@@ -84,8 +84,9 @@ def body_hash(req: ReturnRequestIn) -> str:
 
 def prior_request(session: Session, api_key_id: int | None, idempotency_key: str, digest: str) -> ApiRequest | None:
     """The request stored under this key, if any; IdempotencyConflict when it was another request."""
-    by_key = col(ApiRequest.api_key_id).is_(None) if api_key_id is None else ApiRequest.api_key_id == api_key_id
-    found = session.scalars(select(ApiRequest).where(by_key, ApiRequest.idempotency_key == idempotency_key)).first()
+    by_key = col(ApiRequest.api_key_id).is_(None) if api_key_id is None else col(ApiRequest.api_key_id) == api_key_id
+    query = select(ApiRequest).where(by_key, col(ApiRequest.idempotency_key) == idempotency_key)
+    found = session.scalars(query).first()
     if found is not None and found.body_hash != digest:
         raise IdempotencyConflict("this Idempotency-Key was already used with a different request")
     return found
@@ -104,7 +105,7 @@ def store_request(session: Session, api_key_id: int | None, idempotency_key: str
 
 
 def load_request(session: Session, reference: str) -> ApiRequest:
-    found = session.scalars(select(ApiRequest).where(ApiRequest.reference == reference)).first()
+    found = session.scalars(select(ApiRequest).where(col(ApiRequest.reference) == reference)).first()
     if found is None:
         raise NotFound(f"no request has reference {reference[:40]}")
     return found
@@ -150,8 +151,8 @@ def endpoints(session: Session) -> list[dict[str, Any]]:
     """Every endpoint with its deliveries counted by status and the latest few (what was sent, what failed)."""
     out = []
     for ep in session.scalars(select(WebhookEndpoint).order_by(col(WebhookEndpoint.id))):
-        rows = session.execute(select(OutboxMessage.status, func.count()).where(
-            col(OutboxMessage.key).like(f"wh:{ep.id}:%")).group_by(OutboxMessage.status)).all()
+        rows = session.execute(select(col(OutboxMessage.status), func.count()).where(
+            col(OutboxMessage.key).like(f"wh:{ep.id}:%")).group_by(col(OutboxMessage.status))).all()
         latest = session.scalars(select(OutboxMessage).where(col(OutboxMessage.key).like(f"wh:{ep.id}:%"))
                                  .order_by(col(OutboxMessage.id).desc()).limit(10))
         out.append({"id": ep.id, "url": ep.url, "active": ep.disabled_at is None,

@@ -112,7 +112,7 @@ class BodyLimit:
         async def replay() -> dict[str, Any]:
             nonlocal delivered
             if delivered:
-                return await receive()
+                return dict(await receive())
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
 

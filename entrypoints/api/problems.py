@@ -85,7 +85,8 @@ def install(app: FastAPI) -> None:
 
     async def http(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return problem(exc.status_code, str(exc.detail) if exc.detail else None, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem(exc.status_code, str(exc.detail) if exc.detail else None, headers=headers)
 
     # Starlette hands a handler for Exception itself to its outermost middleware, which re-raises after
     # answering: the catch-all for the unexpected is `guarded` (a middleware); these are the expected errors.

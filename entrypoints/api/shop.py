@@ -74,7 +74,7 @@ def add_shop(app: FastAPI, api: Any) -> None:
             raise Problem(413, "the form is too large")
         fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=200)
         session = current(request)
-        if session is None or not sessions.csrf_ok(secret, session, (fields.get("csrf") or [None])[0]):
+        if session is None or not sessions.csrf_ok(secret, session, (fields.get("csrf") or [""])[0]):
             raise Problem(403, "this form has expired or did not come from this site: reload the page and try again",
                           "csrf")
         return session, fields

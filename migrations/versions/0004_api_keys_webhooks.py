@@ -1,7 +1,7 @@
 """storefront API keys, verified API requests, webhook endpoints
 
-Revision ID: 0002_api
-Revises: 0001
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-03 18:00:00
 """
 from collections.abc import Sequence
@@ -12,9 +12,8 @@ from alembic import op
 
 import models.tables
 
-# A revision id of its own (not '0002'): another 0002 may land in parallel and be renumbered at merge.
-revision: str = '0002_api'
-down_revision: str | None = '0001'
+revision: str = '0004'
+down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
