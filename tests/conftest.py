@@ -100,6 +100,15 @@ def sample_pipeline(pipeline: Pipeline) -> Pipeline:
     return pipeline
 
 
+@pytest.fixture(scope="module")
+def localstripe() -> Iterator[str]:
+    """A localstripe server for the module (tests/helpers.py starts it on loopback)."""
+    from tests.helpers import localstripe_server
+
+    with localstripe_server() as url:
+        yield url
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _write_tallies() -> Iterator[None]:
     """The counts docs/reliability.md reports come from a real run: RETURNS_TALLY_DIR=<dir> writes them."""

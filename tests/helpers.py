@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -29,6 +31,7 @@ from service.returns import Actor
 from service.stages import LocalSteps
 from service.steps import Pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.fromisoformat("2026-11-20T10:00:00-05:00")  # the sample's "today": its decisions hold here
 LATER = NOW + timedelta(days=4)  # parcels reach the dock
 API = Actor("api")
@@ -157,3 +160,53 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# ---- localstripe (a Stripe API server, test-only) ------------------------------------------------------------------
+
+LOCALSTRIPE_KEY = "sk_test_localstripe"  # localstripe takes any key
+
+
+@contextmanager
+def localstripe_server() -> Iterator[str]:
+    """localstripe on a free loopback port, its state in its own process only; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "localstripe_server.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):  # bounded wait for the port to accept; it is up well within this on a quiet machine
+            if proc.poll() is not None:
+                raise RuntimeError(f"localstripe exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("localstripe did not start listening")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def paid_intent(base: str, amount: int) -> str:
+    """A payment intent paid by card at localstripe (what the storefront's checkout would have left)."""
+    client = _localstripe_client(base)
+    pm = client.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
+    pi = client.v1.payment_intents.create(params={"amount": amount, "currency": "usd", "payment_method": pm.id})
+    assert client.v1.payment_intents.confirm(pi.id).status == "succeeded"
+    return pi.id
+
+
+def localstripe_refunds(base: str, intent: str) -> list[dict[str, object]]:
+    """Every refund localstripe holds for the payment intent: its own record, not ours."""
+    client = _localstripe_client(base)
+    return [r.to_dict() for r in client.v1.refunds.list(params={"payment_intent": intent}).auto_paging_iter()]
+
+
+def _localstripe_client(base: str) -> Any:
+    import stripe  # only the payment suites pay for importing the SDK
+
+    return stripe.StripeClient(LOCALSTRIPE_KEY, base_addresses={"api": base}, max_network_retries=0)

@@ -4,24 +4,17 @@ Idempotency-Key and makes every refund succeed at once."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import stripe
 from sqlalchemy import create_engine
 
 from adapters.payments.base import ProviderPayment, ProviderRefused, ProviderUnavailable, RefundStatus
 from adapters.payments.providers import Providers
 from adapters.payments.stripe import StripeRefunds
 from tests.fake_providers import FakeStripe, serve
-from tests.helpers import free_port
+from tests.helpers import LOCALSTRIPE_KEY, localstripe_refunds, paid_intent
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "refund:RMA-7K2Q:1"
 REF = "RMA-7K2Q-1"
 
@@ -29,47 +22,9 @@ REF = "RMA-7K2Q-1"
 # ---- localstripe -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[str]:
-    """A localstripe server on a free loopback port, for this module; its state lives in its process only."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "localstripe_server.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):  # bounded wait for the port to accept; it is up well within this on a quiet machine
-            if proc.poll() is not None:
-                raise RuntimeError(f"localstripe exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("localstripe did not start listening")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def paid_intent(base: str, amount: int) -> str:
-    """A payment intent paid by card at localstripe (what the storefront's checkout would have left)."""
-    client = stripe.StripeClient("sk_test_localstripe", base_addresses={"api": base}, max_network_retries=0)
-    pm = client.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    pi = client.v1.payment_intents.create(params={"amount": amount, "currency": "usd", "payment_method": pm.id})
-    assert client.v1.payment_intents.confirm(pi.id).status == "succeeded"
-    return pi.id
-
-
-def localstripe_refunds(base: str, intent: str) -> list[dict[str, object]]:
-    client = stripe.StripeClient("sk_test_localstripe", base_addresses={"api": base}, max_network_retries=0)
-    return [r.to_dict() for r in client.v1.refunds.list(params={"payment_intent": intent}).auto_paging_iter()]
-
-
 def test_a_partial_refund_of_a_payment_intent_shows_up_in_localstripe(localstripe: str) -> None:
     intent = paid_intent(localstripe, 5000)
-    adapter = StripeRefunds("sk_test_localstripe", localstripe, max_network_retries=0)
+    adapter = StripeRefunds(LOCALSTRIPE_KEY, localstripe, max_network_retries=0)
     out = adapter.refund(ProviderPayment(1, "stripe", intent), 1234, KEY, REF, "P3 return, 2 units")
     assert out.status is RefundStatus.SUCCEEDED and out.amount_minor == 1234
     [seen] = localstripe_refunds(localstripe, intent)
@@ -81,7 +36,7 @@ def test_a_partial_refund_of_a_payment_intent_shows_up_in_localstripe(localstrip
 def test_a_retry_at_localstripe_finds_the_first_refund_by_its_reference(localstripe: str) -> None:
     """localstripe ignores Idempotency-Key (as Stripe does once a key is pruned): the lookup is what holds."""
     intent = paid_intent(localstripe, 5000)
-    adapter = StripeRefunds("sk_test_localstripe", localstripe, max_network_retries=0)
+    adapter = StripeRefunds(LOCALSTRIPE_KEY, localstripe, max_network_retries=0)
     payment = ProviderPayment(1, "stripe", intent)
     first = adapter.refund(payment, 2000, KEY, REF, "P3 return")
     assert adapter.refund(payment, 2000, KEY, REF, "P3 return") == first
