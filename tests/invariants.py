@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from email import message_from_bytes
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlmodel import Session
@@ -16,6 +19,7 @@ from models.tables import (
     GatewaySettlement,
     OutboxMessage,
     Payment,
+    ProviderRefund,
     Refund,
     RefundAllocation,
     Return,
@@ -24,6 +28,33 @@ from models.tables import (
 from service.outbox import message_id_for
 from service.returns import current_settlement
 from service.steps import Pipeline
+
+GONE = ("failed", "canceled")  # a provider gave the money back: nothing paid, no room used
+LIVE_STATES = (State.PROCESSING, State.REVIEW, State.COMPLETED)  # where money may have moved for a return
+
+
+@dataclass(frozen=True)
+class SeenAtProvider:
+    """One refund as the provider's own record shows it (not ours: what it would tell an auditor)."""
+
+    provider: str
+    provider_ref: str
+    payment_reference: str
+    merchant_reference: str | None
+    amount_cents: int
+    status: str
+
+
+def seen_at_stripe(rows: Iterable[dict[str, object]]) -> list[SeenAtProvider]:
+    """Stripe refund objects (localstripe's, or the fake's) as the provider's record."""
+    out = []
+    for r in rows:
+        metadata = r.get("metadata") or {}
+        assert isinstance(metadata, dict)
+        out.append(SeenAtProvider("stripe", str(r["id"]), str(r.get("payment_intent") or r.get("charge")),
+                                  metadata.get("merchant_reference"), int(str(r["amount"])), str(r["status"])))
+    return out
+
 
 # The email each state requires once a return has entered it (docs/architecture.md: every transition's promise).
 EMAIL_FOR_STATE = {
@@ -36,9 +67,10 @@ EMAIL_FOR_STATE = {
 }
 
 
-def check_invariants(p: Pipeline, *, settled: bool = False, mail_dir: Path | None = None) -> int:
-    """Assert every invariant; `settled` adds the ones that hold once all work is driven to rest
-    (no in-flight gateway payment, every email delivered). Returns how many checks were made."""
+def check_invariants(p: Pipeline, *, settled: bool = False, mail_dir: Path | None = None,
+                     at_provider: Sequence[SeenAtProvider] | None = None) -> int:
+    """Assert every invariant (with `at_provider`, against a provider's own record too); `settled` adds the ones
+    that hold once all work is driven to rest. Returns how many checks were made."""
     checks = 0
     with unit_of_work(p.engine) as s:
         returns = list(s.scalars(select(Return)))
@@ -80,12 +112,17 @@ def check_invariants(p: Pipeline, *, settled: bool = False, mail_dir: Path | Non
             settled_by_payment[g.payment_id] += g.amount_cents
         gateway_keys = Counter(s.scalars(select(GatewaySettlement.idempotency_key)))
         assert all(n == 1 for n in gateway_keys.values()), "gateway paid one key twice"
+        state_of = {r.rma: r.state for r in returns}
+        for key in gateway_keys:  # refund:<RMA>:<payment>: paid only while a return may still complete, or completed
+            assert state_of.get(key.split(":")[1]) in LIVE_STATES, f"{key} paid for a {state_of.get(key.split(':')[1])}"
+            checks += 1
         for payment_id, cents in settled_by_payment.items():
             if settled:
                 assert cents == allocated.get(payment_id, 0), f"payment {payment_id}: gateway {cents} != recorded"
             pay = s.get(Payment, payment_id)
             assert pay is not None and cents <= pay.amount_cents, f"gateway paid beyond capture on {payment_id}"
             checks += 1
+        checks += _provider_checks(s, returns, log, settled, at_provider)
         # The refund equals what the policy computes from stored facts.
         for f in refunds:
             ret = by_id[f.return_id]
@@ -121,6 +158,98 @@ def check_invariants(p: Pipeline, *, settled: bool = False, mail_dir: Path | Non
             assert msg["Message-ID"] in ids, f"{eml.name} has no outbox row"
             checks += 1
         assert len(list(mail_dir.glob("*.eml"))) <= (n_outbox or 0)
+    return checks
+
+
+def _provider_checks(s: Session, returns: list[Return], log: dict[int, list[Transition]], settled: bool,
+                     at_provider: Sequence[SeenAtProvider] | None) -> int:
+    """Money at the providers: never two live refunds for one (return, payment), never more than a capture, a
+    pending refund only on a return still being worked on, a completed return paid by the refunds it records."""
+    checks = 0
+    by_id = {r.id: r for r in returns}
+    attempts = list(s.scalars(select(ProviderRefund).order_by(ProviderRefund.id)))
+    payments = {pay.id: pay for pay in s.scalars(select(Payment))}
+    live_per_payment: dict[int, int] = defaultdict(int)
+    live_per_pair = Counter[tuple[int, int]]()
+    latest: dict[tuple[int, int], ProviderRefund] = {}
+    for a in attempts:
+        latest[(a.return_id, a.payment_id)] = a  # ids grow with attempts
+        if a.status in GONE:
+            continue
+        live_per_payment[a.payment_id] += a.amount_cents
+        live_per_pair[(a.return_id, a.payment_id)] += 1
+        ret = by_id[a.return_id]
+        assert ret.state in LIVE_STATES, f"{ret.rma} is {ret.state} but its {a.status} refund {a.provider_ref} stands"
+        if a.status not in ("succeeded",):  # pending, requires_action: asked about until it settles
+            assert a.provider_ref, f"{ret.rma}: a {a.status} refund without the provider's reference"
+            assert ret.state in (State.PROCESSING, State.REVIEW), f"{ret.rma}: {a.status} refund on a {ret.state}"
+        checks += 1
+    assert all(n == 1 for n in live_per_pair.values()), f"two live refunds for one payment: {live_per_pair}"
+    for payment_id, cents in live_per_payment.items():
+        assert cents <= payments[payment_id].amount_cents, f"payment {payment_id}: providers hold {cents} in refunds"
+        checks += 1
+    for (return_id, _), a in latest.items():
+        ret = by_id[return_id]
+        if settled and a.status in GONE and a.reviews_seen >= _reviews(log[return_id]):
+            # failed or canceled and no person has authorized it since: it waits, visibly, in review
+            assert ret.state in (State.REVIEW, State.DECLINED), f"{ret.rma}: refund {a.status}, return {ret.state}"
+            checks += 1
+    allocations = s.execute(select(Refund.return_id, RefundAllocation.payment_id, RefundAllocation.amount_cents,
+                                   RefundAllocation.gateway_reference)
+                            .join(Refund, Refund.id == RefundAllocation.refund_id)).all()  # type: ignore[arg-type]
+    for return_id, payment_id, cents, reference in allocations:
+        if payments[payment_id].provider in (None, "ledger"):
+            continue
+        a = latest.get((return_id, payment_id))
+        assert a is not None and a.status == "succeeded" and a.amount_cents == cents \
+            and a.provider_ref == reference, f"return {return_id}: payment {payment_id} not paid as recorded"
+        checks += 1
+    if at_provider is not None:
+        checks += _against_provider(attempts, payments, allocations, settled, at_provider)
+    return checks
+
+
+def _reviews(chain: list[Transition]) -> int:
+    return sum(1 for t in chain if t.from_state == State.REVIEW and t.to_state == State.PROCESSING)
+
+
+def _against_provider(attempts: list[ProviderRefund], payments: dict[int | None, Payment],
+                      allocations: Sequence[Any], settled: bool, record: Sequence[SeenAtProvider]) -> int:
+    """Our attempts against the provider's own record of them."""
+    checks = 0
+    per_reference = Counter(r.merchant_reference for r in record if r.merchant_reference)
+    assert all(n == 1 for n in per_reference.values()), f"the provider paid a reference twice: {per_reference}"
+    captured = {pay.reference: pay for pay in payments.values() if pay.reference}
+    live: dict[str, int] = defaultdict(int)
+    for r in record:
+        if r.status not in GONE:
+            live[r.payment_reference] += r.amount_cents
+    for reference, cents in live.items():
+        pay = captured.get(reference)
+        assert pay is not None and cents <= pay.amount_cents, f"{reference}: the provider refunded {cents}"
+        checks += 1
+    theirs = {r.provider_ref: r for r in record}
+    for a in attempts:
+        if a.provider_ref is None:
+            continue
+        seen = theirs.get(a.provider_ref)
+        assert seen is not None and seen.amount_cents == a.amount_cents, f"{a.provider_ref}: not at the provider"
+        if settled:
+            assert seen.status == a.status, f"{a.provider_ref}: ours {a.status}, theirs {seen.status}"
+        checks += 1
+    if settled:  # every refund the provider made for us is in our books, and the books hold no more than it paid
+        ours = {a.provider_ref for a in attempts}
+        assert all(r.provider_ref in ours for r in record if r.merchant_reference), "a provider refund not recorded"
+        providers = {r.provider for r in record}
+        recorded: dict[str, int] = defaultdict(int)
+        for _, payment_id, cents, _ in allocations:
+            pay = payments[payment_id]
+            if pay.provider in providers:
+                recorded[str(pay.reference)] += cents
+        for reference in set(live) | set(recorded):
+            assert live.get(reference, 0) == recorded.get(reference, 0), \
+                f"{reference}: provider refunded {live.get(reference, 0)}, books say {recorded.get(reference, 0)}"
+            checks += 1
     return checks
 
 
