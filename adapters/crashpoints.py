@@ -18,6 +18,8 @@ The points (each sits between a side effect and the commit that records it, or r
 | process.after-claim | Pipeline.claim | received -> processing (lease) committed; nothing paid |
 | process.before-pay | Pipeline.pay | refund planned; no gateway call made |
 | gateway.after-settle | LedgerGateway.refund | one settlement committed by the gateway (N-th: one per payment) |
+| provider.after-refund | service.refunds (a payment at Stripe, PayPal, Afterpay) | the provider answered (made the refund, or
+  refused it); our attempt row not written (N-th: one per provider payment) |
 | process.after-pay | Pipeline.pay | gateway paid every allocation; our refund not recorded |
 | process.after-commit | Pipeline.complete | refund + completed + 'processed' outbox row committed; nothing sent |
 | sweep.mid | Pipeline.expire / .escalate | at the start of each; `sweep.mid@2` dies after the first of a batch |
@@ -39,6 +41,7 @@ POINTS = (
     "process.after-claim",
     "process.before-pay",
     "gateway.after-settle",
+    "provider.after-refund",
     "process.after-pay",
     "process.after-commit",
     "sweep.mid",
