@@ -3,6 +3,7 @@ plain steps at a chosen moment (what the command line and the demo do, replayabl
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import socket
@@ -165,6 +166,17 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
 # ---- localstripe (a Stripe API server, test-only) ------------------------------------------------------------------
 
 LOCALSTRIPE_KEY = "sk_test_localstripe"  # localstripe takes any key
+
+
+def catalog_at_stripe(catalog: dict[str, Any], intents: dict[str, list[str]]) -> dict[str, Any]:
+    """A copy of an import whose orders named in `intents` were captured at Stripe, one payment intent per payment."""
+    data = copy.deepcopy(catalog)
+    for o in data["orders"]:
+        for pay, intent in zip(o["payments"], intents.get(o["number"], []), strict=False):
+            pay |= {"provider": "stripe", "reference": intent}
+            if pay["method"] == "paypal":  # a split between two cards at the processor, as Stripe would hold it
+                pay |= {"method": "visa", "last4": "4242"}
+    return data
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -33,12 +34,23 @@ from sqlalchemy import func, select
 from adapters.db import unit_of_work
 from adapters.label.layout import label_path
 from adapters.mail.transport import eml_name
-from models.tables import GatewaySettlement, OutboxMessage, Refund, RefundAllocation, Return
+from adapters.payments.providers import Providers
+from models.tables import GatewaySettlement, OutboxMessage, Payment, ProviderRefund, Refund, RefundAllocation, Return
 from service.steps import Pipeline
 from tests.conftest import SAMPLE, make_pipeline
 from tests.crash_driver import run_op
-from tests.helpers import LATER, NOW, free_port, tally
-from tests.invariants import check_invariants
+from tests.fake_providers import FakeStripe, serve
+from tests.helpers import (
+    LATER,
+    LOCALSTRIPE_KEY,
+    NOW,
+    catalog_at_stripe,
+    free_port,
+    localstripe_refunds,
+    paid_intent,
+    tally,
+)
+from tests.invariants import SeenAtProvider, check_invariants, seen_at_stripe
 
 ROOT = Path(__file__).resolve().parent.parent
 RESUME = LATER + timedelta(minutes=16)  # past the 15-minute processing lease
@@ -158,6 +170,8 @@ def snapshot(p: Pipeline, rma: str | None) -> dict[str, Any]:
                 "settlements": s.scalar(select(func.count()).select_from(GatewaySettlement).where(
                     GatewaySettlement.idempotency_key.like(f"refund:{rma}:%"))),  # type: ignore[attr-defined]
                 "refunds": s.scalar(select(func.count()).select_from(Refund).where(Refund.return_id == ret.id)),
+                "attempts": s.scalar(select(func.count()).select_from(ProviderRefund)
+                                     .where(ProviderRefund.return_id == ret.id)),
                 "refund_cents": refund.amount_cents if refund else None,
             }
     labels = home / "labels"
@@ -185,6 +199,7 @@ def settled_checks(p: Pipeline) -> int:
         refunds = {f.return_id: f for f in s.scalars(select(Refund))}
         allocations = list(s.scalars(select(RefundAllocation)))
         outbox = list(s.scalars(select(OutboxMessage)))
+        at_provider = set(s.scalars(select(Payment.id).where(Payment.provider != "ledger")))
     by_refund: dict[int, list[RefundAllocation]] = {}
     for a in allocations:
         by_refund.setdefault(a.refund_id, []).append(a)
@@ -197,6 +212,8 @@ def settled_checks(p: Pipeline) -> int:
             allocs = by_refund.get(refund.id or 0, [])
             assert sum(a.amount_cents for a in allocs) == refund.amount_cents == r.refund_total_cents, r.rma
             for a in allocs:
+                if a.payment_id in at_provider:  # paid at Stripe: invariants.py holds it against Stripe's record
+                    continue
                 key = f"refund:{r.rma}:{a.payment_id}"
                 recorded_keys.add(key)
                 g = settlements.get(key)
@@ -228,14 +245,16 @@ def settled_checks(p: Pipeline) -> int:
 
 
 def settle_and_check(p: Pipeline, resume: list[dict[str, Any]], final: dict[str, Any], rma: str | None,
-                     last_relay: datetime = RELAY_LATE + timedelta(hours=6)) -> None:
+                     last_relay: datetime = RELAY_LATE + timedelta(hours=6),
+                     record: Callable[[], list[SeenAtProvider]] | None = None) -> None:
     for op in resolve(p, resume):
         run_op(p, op)
     TALLY["resumes"] += 1
     run_op(p, relay(last_relay))  # anything still waiting on a backoff
     assert_subset(snapshot(p, rma), final, "after resume")
     TALLY["check_invariants calls"] += 1
-    TALLY["invariants.py checks"] += check_invariants(p, settled=True, mail_dir=p.settings.home / "mail")
+    TALLY["invariants.py checks"] += check_invariants(p, settled=True, mail_dir=p.settings.home / "mail",
+                                                      at_provider=record() if record else None)
     TALLY["suite settled checks"] += settled_checks(p)
     TALLY["scenarios settled"] += 1
 
@@ -440,6 +459,209 @@ def test_crash_and_resume_postgres(case: Case, tmp_path: Path, pg_url: str) -> N
     run_case(case, make_pipeline(tmp_path / "home", pg_url))
 
 
+# ---- the Stripe adapter: killed between Stripe's yes and our record ------------------------------------------------
+
+
+@dataclass
+class StripeCase:
+    """A stage over payments at Stripe killed at one point, resumed, and (`later`) what the provider or a person
+    does next. `fake`: the loopback fake of Stripe's documented idempotency, else a real localstripe."""
+
+    id: str
+    order: str
+    setup: list[dict[str, Any]]  # after the import and the request
+    stage: list[dict[str, Any]]
+    point: str
+    mid: dict[str, Any]
+    resume: list[dict[str, Any]]
+    final: dict[str, Any]
+    fake: bool = False
+    refund_status: str = "succeeded"  # the fake: what a new refund starts as
+    refuse: bool = False  # the fake: Stripe declines every refund of the charge (402) until `later` lifts it
+    prune: bool = False  # the fake: more than 24 hours pass before the resume, Stripe forgets every key
+    later: str | None = None  # the fake: "succeeded" / "failed" (the pending refund settles) or "fixed" (card updated)
+    later_ops: list[dict[str, Any]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)  # where the return ends after `later`
+
+    def __str__(self) -> str:
+        return self.id
+
+
+# IS-1002 refunds 80.04: 73.53 on the newer intent, then 6.51 on the older one (R10); IS-1001 refunds 72.76.
+CAPTURES = {"IS-1002": [7352, 7353], "IS-1001": [19520]}
+AT_STRIPE_1002 = {"state": "completed", "refunds": 1, "attempts": 2, "at_stripe": 2, "settlements": 0,
+                  "refund_cents": 8004}
+AT_STRIPE_1001 = {"state": "completed", "refunds": 1, "attempts": 1, "at_stripe": 1, "settlements": 0,
+                  "refund_cents": 7276}
+AUTHORIZE = [{"op": "review", "rma": "@IS-1001", "now": RESUME2.isoformat()}, relay(RELAY_LATE)]
+
+
+def stripe_cases() -> list[StripeCase]:
+    dock = [rcv("IS-1002")]
+    cases = [
+        StripeCase("dock@provider.after-refund@1", "IS-1002", [], dock, "provider.after-refund@1",
+                   {"state": "processing", "attempts": 0, "at_stripe": 1}, SWEEP_RESUME, AT_STRIPE_1002),
+        StripeCase("dock@provider.after-refund@2", "IS-1002", [], dock, "provider.after-refund@2",
+                   {"state": "processing", "attempts": 1, "at_stripe": 2}, SWEEP_RESUME, AT_STRIPE_1002),
+        StripeCase("dock@process.after-pay", "IS-1002", [], dock, "process.after-pay",
+                   {"state": "processing", "attempts": 2, "at_stripe": 2, "refunds": 0}, SWEEP_RESUME, AT_STRIPE_1002),
+        StripeCase("dock@process.after-commit", "IS-1002", [], dock, "process.after-commit",
+                   {"state": "completed", "attempts": 2, "at_stripe": 2, "refunds": 1}, SWEEP_RESUME, AT_STRIPE_1002),
+        # the operator presses "process" again once the lease has run out
+        StripeCase("process@provider.after-refund@1/rerun", "IS-1002", [rcv("IS-1002", process=False)],
+                   [{"op": "process", "rma": "@IS-1002", "now": LATER.isoformat()}], "provider.after-refund@1",
+                   {"state": "processing", "attempts": 0, "at_stripe": 1},
+                   [{"op": "process", "rma": "@IS-1002", "now": RESUME.isoformat()}, relay(RELAY_LATE)],
+                   AT_STRIPE_1002),
+        # a worker claimed it and died; the sweep re-driving it dies too, after Stripe's second yes
+        StripeCase("sweep-redrive@provider.after-refund@2", "IS-1002",
+                   [rcv("IS-1002", process=False), {"op": "claim", "rma": "@IS-1002", "now": LATER.isoformat()}],
+                   [sweep(RESUME)], "provider.after-refund@2", {"state": "processing", "attempts": 1, "at_stripe": 2},
+                   [sweep(RESUME2), relay(RELAY_LATE)], AT_STRIPE_1002),
+    ]
+    fake = [rcv("IS-1001")]
+    cases += [
+        # Stripe's idempotency window passed before the resume: only the lookup by merchant reference stands
+        # between the retry and a second refund
+        StripeCase("fake/dock@provider.after-refund/key-pruned", "IS-1001", [], fake, "provider.after-refund",
+                   {"state": "processing", "attempts": 0, "at_stripe": 1}, SWEEP_RESUME,
+                   AT_STRIPE_1001 | {"creates": 1}, fake=True, prune=True),
+        # pending at Stripe when the worker died: the resume records it and waits; the sweep completes it once
+        # Stripe says succeeded, or parks it for a person once Stripe says failed, who authorizes it again
+        StripeCase("fake/dock@provider.after-refund/pending-then-succeeded", "IS-1001", [], fake,
+                   "provider.after-refund", {"state": "processing", "attempts": 0, "at_stripe": 1}, SWEEP_RESUME,
+                   {"state": "processing", "attempts": 1, "at_stripe": 1, "refunds": 0}, fake=True,
+                   refund_status="pending", prune=True, later="succeeded",
+                   later_ops=[sweep(RESUME2), relay(RELAY_LATE)], last=AT_STRIPE_1001 | {"creates": 1}),
+        StripeCase("fake/dock@provider.after-refund/pending-then-failed", "IS-1001", [], fake,
+                   "provider.after-refund", {"state": "processing", "attempts": 0, "at_stripe": 1}, SWEEP_RESUME,
+                   {"state": "processing", "attempts": 1, "at_stripe": 1, "refunds": 0}, fake=True,
+                   refund_status="pending", later="failed",
+                   later_ops=[sweep(RESUME2), relay(RELAY_LATE), *AUTHORIZE],
+                   last=AT_STRIPE_1001 | {"attempts": 2, "creates": 2}),
+        # declined (402) at once: the resume meets the same answer (Stripe replays it under the key) and parks it
+        StripeCase("fake/dock@provider.after-refund/declined", "IS-1001", [], fake, "provider.after-refund",
+                   {"state": "processing", "attempts": 0, "at_stripe": 0}, SWEEP_RESUME,
+                   {"state": "review", "attempts": 1, "at_stripe": 0, "refunds": 0}, fake=True, refuse=True,
+                   later="fixed", later_ops=AUTHORIZE, last=AT_STRIPE_1001 | {"attempts": 2}),
+    ]
+    return cases
+
+
+STRIPE_CASES = stripe_cases()
+PG_STRIPE_CASES = [c for c in STRIPE_CASES if c.id in ("dock@provider.after-refund@1",
+                                                       "fake/dock@provider.after-refund/key-pruned")]
+
+
+@dataclass
+class AtStripe:
+    """Where the case's payments live: localstripe's base URL or the fake (and its URL), and the intents."""
+
+    url: str
+    fake: FakeStripe | None
+    intents: list[str]
+
+    def env(self) -> dict[str, str]:
+        return {"RETURNS_STRIPE_API_KEY": self.fake.api_key if self.fake else LOCALSTRIPE_KEY,
+                "RETURNS_STRIPE_API_BASE": self.url}
+
+    def record(self) -> list[SeenAtProvider]:
+        """Stripe's own record of the case's refunds (not ours)."""
+        if self.fake is not None:
+            with self.fake.lock:
+                return seen_at_stripe([dict(r) for r in self.fake.refunds.values()])
+        return seen_at_stripe([r for pi in self.intents for r in localstripe_refunds(self.url, pi)])
+
+
+def at_stripe(case: StripeCase, url: str, fake: FakeStripe | None) -> AtStripe:
+    if fake is None:
+        return AtStripe(url, None, [paid_intent(url, amount) for amount in CAPTURES[case.order]])
+    charges = [fake.add_payment(amount, refund_status=case.refund_status,
+                                refuse=(402, "card_error", "card_declined") if case.refuse else None)
+               for amount in CAPTURES[case.order]]
+    return AtStripe(url, fake, [ch.intent for ch in charges])
+
+
+def stripe_snapshot(p: Pipeline, rma: str, where: AtStripe) -> dict[str, Any]:
+    live = [r for r in where.record() if (r.merchant_reference or "").startswith(f"{rma}-")
+            and r.status not in ("failed", "canceled")]
+    snap = snapshot(p, rma) | {"at_stripe": len(live)}
+    if where.fake is not None:
+        snap["creates"] = len(where.fake.creates("/v1/refunds"))
+    return snap
+
+
+def run_stripe_case(case: StripeCase, base: Pipeline, url: str, fake: FakeStripe | None) -> None:
+    where = at_stripe(case, url, fake)
+    # the test process resumes with the same configuration the killed process had: Stripe from the environment
+    p = Pipeline(settings=base.settings, engine=base.engine,
+                 providers=Providers(base.engine, env=where.env(), secrets=lambda name: None, timeout=5.0))
+    catalog = catalog_at_stripe(IMPORT[0]["data"], {case.order: where.intents})
+    for op in [{"op": "import", "data": catalog}, req(case.order), *case.setup]:
+        run_op(p, resolve(p, op))
+    crash(p, case.stage, case.point, where.env())
+    TALLY[f"point {case.point.split('@')[0]}"] += 1
+    TALLY["stripe crashes"] += 1
+    TALLY["check_invariants calls"] += 1
+    TALLY["invariants.py checks"] += check_invariants(p, mail_dir=p.settings.home / "mail", at_provider=where.record())
+    rma = rma_for(p, case.order)
+    assert_subset(stripe_snapshot(p, rma, where), case.mid, f"crashed at {case.point}")
+    if case.prune:
+        assert fake is not None
+        fake.prune_keys()
+    for op in resolve(p, case.resume):
+        run_op(p, op)
+    TALLY["resumes"] += 1
+    assert_subset(stripe_snapshot(p, rma, where), case.final, "after resume")
+    if case.later:
+        assert fake is not None
+        if case.later == "fixed":
+            for ch in fake.charges.values():
+                ch.refuse = None
+        else:
+            with unit_of_work(p.engine) as s:
+                [ref] = s.scalars(select(ProviderRefund.provider_ref).join(Return).where(Return.rma == rma))
+            assert ref is not None
+            fake.settle(ref, case.later, "expired_or_canceled_card" if case.later == "failed" else None)
+            for ch in fake.charges.values():
+                ch.refund_status = "succeeded"  # the operator's later attempt goes through
+        if case.later != "succeeded":
+            TALLY["stripe refunds parked, then authorized"] += 1
+        for op in resolve(p, case.later_ops):
+            run_op(p, op)
+        assert_subset(stripe_snapshot(p, rma, where), case.last, "after the provider and the operator")
+    # one live refund per payment at Stripe, never beyond a capture, exactly what we recorded
+    settle_and_check(p, [], {}, rma, record=where.record)
+    TALLY["stripe refunds at Stripe"] += len([r for r in where.record() if r.status == "succeeded"])
+
+
+@pytest.fixture
+def stripe_fake() -> Iterator[tuple[FakeStripe, str]]:
+    fake = FakeStripe()
+    with serve(fake) as url:
+        yield fake, url
+
+
+def _stripe_case(case: StripeCase, p: Pipeline, request: pytest.FixtureRequest) -> None:
+    if case.fake:
+        fake, url = request.getfixturevalue("stripe_fake")
+        run_stripe_case(case, p, url, fake)
+    else:
+        run_stripe_case(case, p, request.getfixturevalue("localstripe"), None)
+
+
+@pytest.mark.parametrize("case", STRIPE_CASES, ids=str)
+def test_stripe_crash_and_resume_sqlite(case: StripeCase, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    _stripe_case(case, make_pipeline(tmp_path / "home", f"sqlite:///{tmp_path / 'returns.db'}"), request)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", PG_STRIPE_CASES, ids=str)
+def test_stripe_crash_and_resume_postgres(case: StripeCase, tmp_path: Path, pg_url: str,
+                                          request: pytest.FixtureRequest) -> None:
+    _stripe_case(case, make_pipeline(tmp_path / "home", pg_url), request)
+
+
 # ---- the Prefect flows, killed inside a flow run ------------------------------------------------------------------
 
 
@@ -524,9 +746,14 @@ def test_flow_crash_and_resume_under_a_prefect_server(case: FlowCase, tmp_path: 
 
 
 def test_every_crash_point_is_exercised() -> None:
-    """A point added to adapters/crashpoints.py without a case here fails this test."""
+    """A point in the code or in adapters/crashpoints.py without a case here (or not listed there) fails this test."""
     from adapters.crashpoints import POINTS
 
-    covered = {c.point.split("@")[0] for c in SQLITE_CASES}
+    sources = [f for pkg in ("models", "adapters", "service", "tasks", "flows", "entrypoints")
+               for f in (ROOT / pkg).rglob("*.py")]
+    in_code = {m for f in sources for m in re.findall(r'crash_point\("([^"@]+)"\)', f.read_text("utf-8"))}
+    assert in_code == set(POINTS), f"in the code, not listed: {in_code - set(POINTS)}; listed, not in the code: " \
+                                   f"{set(POINTS) - in_code}"
+    covered = {c.point.split("@")[0] for c in SQLITE_CASES} | {c.point.split("@")[0] for c in STRIPE_CASES}
     assert covered == set(POINTS)
 
