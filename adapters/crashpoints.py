@@ -18,8 +18,7 @@ The points (each sits between a side effect and the commit that records it, or r
 | process.after-claim | Pipeline.claim | received -> processing (lease) committed; nothing paid |
 | process.before-pay | Pipeline.pay | refund planned; no gateway call made |
 | gateway.after-settle | LedgerGateway.refund | one settlement committed by the gateway (N-th: one per payment) |
-| provider.after-refund | service.refunds (a payment at Stripe, PayPal, Afterpay) | the provider answered (made the refund, or
-  refused it); our attempt row not written (N-th: one per provider payment) |
+| provider.after-refund | service.refunds | Stripe, PayPal or Afterpay answered; our attempt row not written |
 | process.after-pay | Pipeline.pay | gateway paid every allocation; our refund not recorded |
 | process.after-commit | Pipeline.complete | refund + completed + 'processed' outbox row committed; nothing sent |
 | sweep.mid | Pipeline.expire / .escalate | at the start of each; `sweep.mid@2` dies after the first of a batch |

@@ -24,10 +24,10 @@ from adapters.payments.base import (
 )
 from adapters.payments.gateway import Gateway
 from adapters.payments.providers import LEDGER, Providers
-from models.money import to_cents
+from models.money import from_cents, to_cents
 from models.policy import Allocation
 from models.states import State
-from models.tables import Payment, ProviderRefund, Return, Transition
+from models.tables import GatewaySettlement, Payment, ProviderRefund, Return, Transition
 from service.results import Payout, PlannedRefund
 
 GONE = (RefundStatus.FAILED, RefundStatus.CANCELED)  # the provider gave the money back: no room used
@@ -68,6 +68,19 @@ def refunded_elsewhere(session: Session, return_id: int | None, payment_ids: lis
                col(ProviderRefund.status).not_in([str(s) for s in GONE]))
         .group_by(col(ProviderRefund.payment_id))).all()
     return {int(pid): int(cents) for pid, cents in rows}
+
+
+def paid_out(session: Session, ret: Return) -> tuple[int, list[str]]:
+    """What already left (or is leaving) for this return, in cents, and where: a provider's live refunds and the
+    ledger's settlements under its keys. Non-zero on a return parked after a partial payout."""
+    live = select(col(ProviderRefund.provider), col(ProviderRefund.provider_ref), col(ProviderRefund.amount_cents)) \
+        .where(col(ProviderRefund.return_id) == ret.id, col(ProviderRefund.status).not_in([str(s) for s in GONE]))
+    found = [(int(cents), f"{from_cents(int(cents))} at {provider} {ref or ''}".rstrip())
+             for provider, ref, cents in session.execute(live).all()]
+    found += [(int(cents), f"{from_cents(int(cents))} on the ledger ledger-{sid}") for sid, cents in session.execute(
+        select(col(GatewaySettlement.id), col(GatewaySettlement.amount_cents))
+        .where(col(GatewaySettlement.idempotency_key).startswith(f"refund:{ret.rma}:"))).all()]
+    return sum(c for c, _ in found), [where for _, where in found]
 
 
 def _through_provider(engine: Engine, providers: Providers, plan: PlannedRefund, alloc: Allocation) -> RefundResult:

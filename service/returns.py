@@ -35,7 +35,7 @@ from models.tables import (
     Transition,
 )
 from service.outbox import enqueue
-from service.refunds import refunded_elsewhere
+from service.refunds import paid_out, refunded_elsewhere
 from service.results import Decided, PlannedRefund, SweepPlan
 from service.storefront import enqueue_transition
 
@@ -641,6 +641,12 @@ def settle_review(session: Session, rma: str, authorize: bool, note: str, actor:
         raise InvalidInput(f"{ret.rma} is '{ret.state}', not in review")
     facts = {"note": note, "authorize": authorize}
     if not authorize:
+        # Parked after a partial payout: declining would tell the customer "no refund" with money already on its
+        # way to them, and free the units (R11) for another return that would refund them again.
+        cents, where = paid_out(session, ret)
+        if cents:
+            raise InvalidInput(f"{ret.rma} has {from_cents(cents)} already refunded ({'; '.join(where[:3])}): "
+                               "authorize it to finish the refund, or reverse that refund at the provider first")
         _decline(session, ret, now, actor, settings, facts, f"Declined after review: {note}")
     elif ret.received_at is None:
         for ln in _lines(session, ret):

@@ -18,7 +18,7 @@ from sqlalchemy import select, text, update
 
 from adapters.db import MIGRATIONS, engine_for, normalize_url, unit_of_work, upgrade
 from adapters.payments.providers import Providers
-from models.errors import TransientError
+from models.errors import InvalidInput, TransientError
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 from models.states import State
 from models.tables import OutboxMessage, Payment, ProviderRefund, Return, Transition
@@ -311,3 +311,25 @@ def test_reconciliation_finds_nothing_when_both_sides_agree_and_each_kind_of_dif
     # Outside the period nothing is compared.
     assert reconcile(shop.p.engine, shop.p.providers, period()[0] - timedelta(days=5),
                      period()[0] - timedelta(days=4)) == []
+
+
+def test_a_return_parked_after_a_partial_payout_cannot_be_declined(shop: Shop) -> None:
+    """Stripe refunded one payment and declined the other: the return waits in review with money already out. A
+    decline there would tell the customer "no refund" after 53.50 reached them, and free the units (R11) for a
+    second return that refunds them again; the operator is told why, and nothing changes."""
+    older = shop.stripe.add_payment(5350, refuse=(402, "card_error", "card_declined"))
+    newer = shop.stripe.add_payment(5350)
+    buy(shop, "PAY-9", payment("53.50", provider="stripe", reference=older.intent),
+        payment("53.50", provider="stripe", reference=newer.intent, captured_at="2026-11-05T10:01:00-05:00"))
+    rma, out = ask_and_receive(shop, "PAY-9", units=2)
+    assert isinstance(out, Moved) and out.state is State.REVIEW and shop.stripe.refunded(newer) == 5350
+    before = helpers.row_counts(shop.p)
+    with pytest.raises(InvalidInput, match=r"53\.50 .*already refunded.*authorize"):
+        stages.after_review(helpers.at(shop.p, LATER + timedelta(hours=1)), rma, False, "no", Actor.operator("olga"))
+    assert state(shop, rma) == "review" and helpers.row_counts(shop.p) == before
+    # Once the card is fixed, the authorize pays the rest once and the return completes with both refunds.
+    older.refuse = None
+    done = stages.after_review(helpers.at(shop.p, LATER + timedelta(hours=2)), rma, True, "card updated",
+                               Actor.operator("olga"))
+    assert isinstance(done, Completed) and str(done.refund_total) == "107.00"
+    assert (shop.stripe.refunded(older), shop.stripe.refunded(newer), len(shop.stripe.refunds)) == (5350, 5350, 2)
