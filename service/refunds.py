@@ -108,7 +108,10 @@ def _through_provider(engine: Engine, providers: Providers, plan: PlannedRefund,
                 return RefundResult(latest.provider_ref or "", status, latest.amount_cents, latest.failure_reason)
             result = check_amount(adapter.get_refund(latest.provider_ref), cents, key)
             _record(engine, latest.id, result)
-            return result
+            if result.status not in GONE or latest.reviews_seen >= reviews:
+                return result
+            # It failed while its return waited in review, and a person has authorized the return since: the next
+            # attempt now, rather than a second parking for what happened before the person looked.
     attempt = 1 if latest is None else latest.attempt + 1
     key = plan.key(target.payment_id) + ("" if attempt == 1 else f":{attempt}")
     reference = f"{plan.rma}-{target.payment_id}" + ("" if attempt == 1 else f"-{attempt}")

@@ -333,3 +333,25 @@ def test_a_return_parked_after_a_partial_payout_cannot_be_declined(shop: Shop) -
                                Actor.operator("olga"))
     assert isinstance(done, Completed) and str(done.refund_total) == "107.00"
     assert (shop.stripe.refunded(older), shop.stripe.refunded(newer), len(shop.stripe.refunds)) == (5350, 5350, 2)
+
+
+def test_a_pending_refund_that_failed_while_its_return_waited_in_review_is_retried_on_the_authorize(shop: Shop) \
+        -> None:
+    """One payment's refund declined (the return is parked), the other's pending; Stripe cancels the pending one
+    while the return waits for a person. The operator's authorize makes both new attempts at once: it must not
+    park the return a second time for a failure that happened before the person looked."""
+    older = shop.stripe.add_payment(5350, refund_status="pending")
+    newer = shop.stripe.add_payment(5350, refuse=(402, "card_error", "card_declined"))
+    buy(shop, "PAY-10", payment("53.50", provider="stripe", reference=older.intent),
+        payment("53.50", provider="stripe", reference=newer.intent, captured_at="2026-11-05T10:01:00-05:00"))
+    rma, out = ask_and_receive(shop, "PAY-10", units=2)
+    assert isinstance(out, Moved) and out.state is State.REVIEW
+    [pending] = [r for r in shop.stripe.refunds.values() if r["status"] == "pending"]
+    shop.stripe.settle(pending["id"], "canceled", "unknown")
+    older.refund_status, newer.refuse = "succeeded", None
+    done = stages.after_review(helpers.at(shop.p, LATER + timedelta(hours=2)), rma, True, "card updated",
+                               Actor.operator("olga"))
+    assert isinstance(done, Completed) and state(shop, rma) == "completed"
+    assert (shop.stripe.refunded(older), shop.stripe.refunded(newer)) == (5350, 5350)
+    assert sorted((a[0], a[4]) for a in attempts(shop, rma)) == [(1, "canceled"), (1, "failed"), (2, "succeeded"),
+                                                                 (2, "succeeded")]
