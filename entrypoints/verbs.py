@@ -4,6 +4,7 @@ it did back from the returns database (the truth) or from the run's report artif
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -101,13 +102,21 @@ class ThroughPrefect:
     pipeline: Pipeline
 
     def request(self, req: ReturnRequestIn) -> dict[str, Any]:
-        # Prefect scopes a run's idempotency key to the deployment; ours are scoped to the order (R13).
-        key = f"request:{req.order_number}:{req.idempotency_key}" if req.idempotency_key else None
-        run_id = self.api.run(DEPLOYMENTS["request"], req.model_dump(mode="json", exclude_none=True), key)
-        found = self.pipeline.lookup(req.order_number, req.idempotency_key or f"flow-run-{run_id}")
+        # Ownership (R13) is checked here and the request stored with its email; the run gets its reference only,
+        # so no address reaches the run's parameters, name, logs or events (as on the storefront API's path).
+        key = req.idempotency_key or f"once-{uuid.uuid4().hex}"
+        accepted = self.pipeline.accept(None, f"cli:{key}", req, utcnow())
+        run_id = accepted.flow_run_id or self.api.run(
+            DEPLOYMENTS["request"], dict(accepted.parameters), f"request:{req.order_number}:{key}")
+        if accepted.flow_run_id is None:
+            self.pipeline.request_started(accepted.reference, run_id)
+        else:
+            self.api.wait(run_id)
+        found = self.pipeline.decided_request(accepted)
         if found is None:  # pragma: no cover - a completed request run has stored its return
             raise InvalidInput(f"flow run {run_id} completed without storing the request")
-        return _answer(self.pipeline, replace(found, replayed=not self.pipeline.made_in_run(found.return_id, run_id)))
+        replayed = accepted.replayed or not self.pipeline.made_in_run(found.return_id, run_id)
+        return _answer(self.pipeline, replace(found, replayed=replayed))
 
     def _moved(self, deployment: str, rma: str, parameters: dict[str, Any]) -> dict[str, Any]:
         self.api.run(DEPLOYMENTS[deployment], parameters)
