@@ -611,7 +611,6 @@ def run_stripe_case(case: StripeCase, base: Pipeline, url: str, fake: FakeStripe
         fake.prune_keys()
     for op in resolve(p, case.resume):
         run_op(p, op)
-    TALLY["resumes"] += 1
     assert_subset(stripe_snapshot(p, rma, where), case.final, "after resume")
     if case.later:
         assert fake is not None
