@@ -163,6 +163,12 @@ class PipelineMachine(RuleBasedStateMachine):
         return [r for r in self.at_stripe(State.RECEIVED, State.PROCESSING)
                 if r in lapsed or r in self.rmas_in(State.RECEIVED)]
 
+    def charges_of(self, rma: str) -> list[int]:
+        """The fake's charges (by index) that captured the return's order."""
+        with unit_of_work(self.engine) as s:
+            order = s.scalars(select(Return.order_number).where(Return.rma == rma)).one()
+        return [i for i, (number, _) in enumerate(STRIPE_CAPTURES) if number == order]
+
     def stripe_record(self) -> Any:
         with self.stripe.lock:
             return seen_at_stripe([dict(r) for r in self.stripe.refunds.values()])
@@ -264,14 +270,17 @@ class PipelineMachine(RuleBasedStateMachine):
         self.p.relay(self.now)
 
     @precondition(lambda self: bool(self.rmas_in(State.REVIEW)))
-    @rule(data=st.data(), authorize=st.booleans())
-    def review(self, data: st.DataObject, authorize: bool) -> None:
+    @rule(data=st.data(), authorize=st.booleans(), card_updated=st.booleans())
+    def review(self, data: st.DataObject, authorize: bool, card_updated: bool) -> None:
         self.step("review")
         rmas = self.rmas_in(State.REVIEW)
         if not rmas:
             return
         rma = data.draw(st.sampled_from(rmas))
         parked = self.parked_by_provider(rma)
+        if parked and card_updated:  # the customer fixed the card before the operator looked: Stripe will pay
+            for i in self.charges_of(rma):
+                self.stripe_mood(i, "succeeded")
         try:
             out = stages.after_review(at(self.p, self.now), rma, authorize, "checked", Actor.operator("alice"))
         except StaleState:
@@ -440,12 +449,16 @@ class PipelineMachine(RuleBasedStateMachine):
 
     def drive_to_rest(self) -> None:
         rest = self.now + REST
-        for ref in self.pending_at_stripe():  # the bank answers every pending refund, at last
-            self.stripe.settle(ref, "succeeded")
         for _ in range(10):  # one return per order is processed at a time: a later pass takes the next
+            # The bank answers every pending refund, at last, including those this loop's last sweep asked for;
+            # the next sweep comes after their lease, as the hourly one would.
+            for ref in self.pending_at_stripe():
+                self.stripe.settle(ref, "succeeded")
             done = sweep(self.p, rest)
-            if not done.processed and not self.p.sweep_plan(rest).redrive:
+            if not done.processed and not self.p.sweep_plan(rest).redrive and not self.pending_at_stripe() \
+                    and not self.rmas_in(State.PROCESSING, State.RECEIVED):
                 break
+            rest += timedelta(hours=1)
         for _ in range(30):
             self.p.relay(rest)
             if self.p.outbox_counts()["pending"] == 0:
