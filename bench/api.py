@@ -27,7 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import RESULTS, code_version, free_port, machine, request_params, summary, synthetic_catalog
+from bench.measure import free_port, summary
+from bench.pipeline import RESULTS
+from bench.report import code_version, machine
+from bench.workload import request_params, synthetic_catalog
 
 
 def timed(calls: list[Any], clients: int) -> list[float]:

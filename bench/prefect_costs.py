@@ -22,14 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import (
+from bench.measure import (
     PG_URL,
-    RESULTS,
-    ROOT,
     Deadline,
     Monitor,
     free_port,
-    machine,
     pg_backend_pids,
     postgres_available,
     recreate_prefect_db,
@@ -38,6 +35,9 @@ from bench.pipeline import (
     session_pids,
     wait_for_quiet,
 )
+from bench.pipeline import RESULTS
+from bench.report import machine
+from bench.run import ROOT
 
 MARKDOWN = "\n".join(f"| line {i} | {'x' * 40} | 12.34 |" for i in range(40))  # ~2.5 kB, like a return's page
 
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 proc.wait(timeout=args.timeout + 60)
             except subprocess.TimeoutExpired:
-                from bench.pipeline import _stop_group
+                from bench.measure import stop_group
 
-                _stop_group(proc, grace=60)
+                stop_group(proc, grace=60)
             if out.exists():
                 results.append(json.loads(out.read_text()))
     finally:

@@ -50,7 +50,8 @@ class Verbs(Protocol):
 
 
 def _answer(pipeline: Pipeline, out: Decided | Moved | Completed) -> dict[str, Any]:
-    return_id = out.return_id if isinstance(out, Decided) else pipeline.return_id(str(out.rma_number))
+    # The stages hand the id on; only an outcome read back from the database (through Prefect) lacks it.
+    return_id = out.return_id if out.return_id is not None else pipeline.return_id(str(out.rma_number))
     return out.to_json() | {"emails": pipeline.emails_of(return_id)}
 
 

@@ -43,3 +43,11 @@ def test_the_pure_domain_imports_no_prefect_no_database_no_clock() -> None:
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in modules if m.split(".")[0] in {"prefect", "sqlalchemy", "sqlmodel", "adapters"}}, name
         assert "datetime.now" not in path.read_text(encoding="utf-8") and "utcnow" not in path.read_text("utf-8"), name
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_module_imports(name: str) -> None:
+    """The benchmarks run outside the suite: a name moved from under them fails here, not at the next bench run."""
+    import importlib
+
+    importlib.import_module(f"bench.{name}")
