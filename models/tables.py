@@ -243,6 +243,22 @@ class ProviderRefund(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
+class ProviderEventIn(SQLModel, table=True):
+    """A payment provider's webhook event we verified and acted on, once: a redelivery finds its row and is ignored.
+
+    Ids only: the event's body (which may name the customer) is never kept."""
+
+    __tablename__ = "provider_events"
+    __table_args__ = (UniqueConstraint("provider", "event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=20)
+    event_id: str = Field(max_length=80)
+    type: str = Field(max_length=80)
+    provider_ref: str | None = Field(default=None, max_length=80)  # the refund the event is about, if any
+    rma: str | None = Field(default=None, max_length=16)  # the return it re-drove, if any
+    received_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class OutboxMessage(SQLModel, table=True):
     """Transactional outbox: written with the state change that causes it; the relay delivers it."""
 

@@ -7,6 +7,7 @@ a person authorized the return again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, func, select, update
@@ -22,12 +23,15 @@ from adapters.payments.base import (
     RefundStatus,
     check_amount,
 )
+from adapters.payments.events import ProviderEvent
 from adapters.payments.gateway import Gateway
 from adapters.payments.providers import LEDGER, Providers
+from models.errors import InvalidInput
 from models.money import from_cents, to_cents
 from models.policy import Allocation
+from models.rma import parse_rma
 from models.states import State
-from models.tables import GatewaySettlement, Payment, ProviderRefund, Return, Transition
+from models.tables import GatewaySettlement, Payment, ProviderEventIn, ProviderRefund, Return, Transition
 from service.results import Payout, PlannedRefund
 
 GONE = (RefundStatus.FAILED, RefundStatus.CANCELED)  # the provider gave the money back: no room used
@@ -139,3 +143,48 @@ def _record(engine: Engine, row_id: int | None, result: RefundResult) -> None:
         session.execute(update(ProviderRefund).where(col(ProviderRefund.id) == row_id).values(
             status=str(result.status), failure_reason=result.failure_reason, updated_at=datetime.now(UTC))
             .execution_options(synchronize_session=False))
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What a provider's event means here: a redelivery (ignored), and the return to ask about its refund now."""
+
+    duplicate: bool
+    rma: str | None = None
+
+
+def heard(engine: Engine, event: ProviderEvent) -> Heard:
+    """A delivery of `event`: seen before, or the processing return whose refund it names (by the provider's
+    reference we recorded, else by our merchant reference, for a refund a crash left unrecorded)."""
+    with unit_of_work(engine) as session:
+        if session.scalar(select(col(ProviderEventIn.id)).where(
+                col(ProviderEventIn.provider) == event.provider, col(ProviderEventIn.event_id) == event.event_id)):
+            return Heard(duplicate=True)
+        waiting = col(Return.state) == State.PROCESSING
+        rma = session.scalar(select(col(Return.rma)).join(ProviderRefund, col(ProviderRefund.return_id) == Return.id)
+                             .where(col(ProviderRefund.provider) == event.provider,
+                                    col(ProviderRefund.provider_ref) == event.refund_ref, waiting)
+                             .limit(1)) if event.refund_ref else None
+        if rma is None and (ours := _rma_of(event.merchant_reference)):
+            rma = session.scalar(select(col(Return.rma)).where(col(Return.rma) == ours, waiting))
+        return Heard(duplicate=False, rma=rma)
+
+
+def remember(engine: Engine, event: ProviderEvent, rma: str | None, now: datetime) -> bool:
+    """Record the event as handled; False when a concurrent delivery of it got there first."""
+    try:
+        with unit_of_work(engine) as session:
+            session.add(ProviderEventIn(provider=event.provider, event_id=event.event_id, type=event.type[:80],
+                                        provider_ref=event.refund_ref, rma=rma, received_at=now))
+    except IntegrityError:
+        return False
+    return True
+
+
+def _rma_of(merchant_reference: str | None) -> str | None:
+    """The RMA in a merchant reference we set (`RMA-7K2QMXP-<payment>[-<attempt>]`), if it is one."""
+    head = "-".join((merchant_reference or "").split("-")[:2])
+    try:
+        return parse_rma(head) if head else None
+    except InvalidInput:
+        return None

@@ -537,6 +537,18 @@ def claim(session: Session, ret: Return, now: datetime, actor: Actor, policy: Po
     return None
 
 
+def release(session: Session, rma: str, policy: Policy) -> bool:
+    """End the claim on a return whose refund a provider holds pending, back to when it began: whoever hears first
+    (the provider's webhook, the next sweep) asks about the refund at once, instead of after the lease."""
+    ret = load_return(session, rma)
+    if ret.state != State.PROCESSING or ret.claimed_until is None:
+        return False
+    began = ret.claimed_until - timedelta(minutes=policy.processing_lease_minutes)
+    return _updated(session, update(Return).where(
+        col(Return.id) == ret.id, col(Return.state) == State.PROCESSING,
+        col(Return.claimed_until) == ret.claimed_until).values(claimed_until=began)) == 1
+
+
 def current_settlement(session: Session, ret: Return, policy: Policy) -> pol.Settlement:
     """The settlement the stored receipt earns, counting an operator's authorize after a receipt-time review."""
     approved = session.scalars(select(col(Transition.id)).where(

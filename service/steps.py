@@ -18,6 +18,7 @@ from adapters.config import settings as load_settings
 from adapters.crashpoints import crash_point
 from adapters.db import engine_for, unit_of_work
 from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
+from adapters.payments.events import ProviderEvent
 from adapters.payments.gateway import Gateway, LedgerGateway
 from adapters.payments.providers import Providers
 from models.errors import NotFound, StaleState
@@ -137,6 +138,9 @@ class Pipeline:
         the RMA: a retry never pays twice; a refund a provider holds pending is asked about, not paid again."""
         crash_point("process.before-pay")
         payout = refunds.pay(self.engine, self.gateway, self.providers, plan)
+        if payout.waiting:
+            with unit_of_work(self.engine) as session:
+                svc.release(session, plan.rma, self.policy)
         crash_point("process.after-pay")
         return payout
 
@@ -209,6 +213,14 @@ class Pipeline:
     def revoke_api_key(self, name: str, now: datetime) -> None:
         with unit_of_work(self.engine) as session:
             storefront.revoke_key(session, name, now)
+
+    def provider_event(self, event: ProviderEvent) -> refunds.Heard:
+        """Whether a provider's event was handled before, and the return it re-drives (see refunds.heard)."""
+        return refunds.heard(self.engine, event)
+
+    def remember_provider_event(self, event: ProviderEvent, rma: str | None, now: datetime) -> bool:
+        """Record a provider's event as handled; False when another delivery of it was recorded first."""
+        return refunds.remember(self.engine, event, rma, now)
 
     def api_key(self, key: str) -> tuple[int, str] | None:
         """(id, hash) of the live key with this secret, else None."""

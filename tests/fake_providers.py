@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,7 @@ class FakePayPal(Fake):
         self.by_request_id: dict[str, str] = {}
         self.tokens: set[str] = set()
         self.tokens_issued = 0
+        self.transmissions: dict[str, tuple[str, str, dict[str, Any]]] = {}  # id -> (signature, webhook id, event)
 
     def add_capture(self, amount: int, **kw: Any) -> PayPalCapture:
         cap = PayPalCapture(id=f"CAP{self.next_id():06d}", amount=amount, **kw)
@@ -211,6 +213,15 @@ class FakePayPal(Fake):
         with self.lock:
             self.refunds[refund_id]["status"] = status
             self.refunds[refund_id].pop("status_details", None)
+
+    def transmit(self, event: dict[str, Any], webhook_id: str) -> dict[str, str]:
+        """The headers PayPal sends with a delivery of `event` to `webhook_id` (its verify API knows them)."""
+        n = self.next_id()
+        tid, sig = f"tx-{n:06d}", f"sig{n:06d}{secrets.token_hex(16)}"
+        self.transmissions[tid] = (sig, webhook_id, event)
+        return {"PAYPAL-AUTH-ALGO": "SHA256withRSA", "PAYPAL-CERT-URL": "https://api.paypal.com/v1/notifications/"
+                "certs/CERT-fake", "PAYPAL-TRANSMISSION-ID": tid, "PAYPAL-TRANSMISSION-SIG": sig,
+                "PAYPAL-TRANSMISSION-TIME": "2026-12-03T10:00:00Z"}
 
     def refunded(self, cap: PayPalCapture) -> int:
         return sum(r["_cents"] for r in self.refunds.values()
@@ -227,6 +238,11 @@ class FakePayPal(Fake):
         if req.headers.get("authorization", "").removeprefix("Bearer ") not in self.tokens:
             return Reply(401, {"error": "invalid_token", "error_description": "Token signature verification failed"})
         parts = req.path.strip("/").split("/")
+        if req.method == "POST" and req.path == "/v1/notifications/verify-webhook-signature":
+            known = self.transmissions.get(str(req.body.get("transmission_id")))
+            ok = known is not None and (req.body.get("transmission_sig"), req.body.get("webhook_id"),
+                                        req.body.get("webhook_event")) == known
+            return Reply(200, {"verification_status": "SUCCESS" if ok else "FAILURE"})
         if req.method == "POST" and len(parts) == 5 and parts[:3] == ["v2", "payments", "captures"] \
                 and parts[4] == "refund":
             return self._create(req, parts[3])

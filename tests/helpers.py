@@ -4,6 +4,8 @@ plain steps at a chosen moment (what the command line and the demo do, replayabl
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import json
 import signal
 import socket
@@ -222,3 +224,14 @@ def _localstripe_client(base: str) -> Any:
     import stripe  # only the payment suites pay for importing the SDK
 
     return stripe.StripeClient(LOCALSTRIPE_KEY, base_addresses={"api": base}, max_network_retries=0)
+
+
+def stripe_signature(body: bytes, secret: str, at: int | None = None) -> str:
+    """Stripe's scheme, written from its documentation: v1 = HMAC-SHA256(secret, "<t>.<body>")."""
+    t = int(time.time()) if at is None else at
+    return f"t={t},v1={hmac.new(secret.encode(), f'{t}.'.encode() + body, hashlib.sha256).hexdigest()}"
+
+
+def stripe_refund_event(event_id: str, refund: dict[str, Any], kind: str = "refund.updated") -> bytes:
+    return json.dumps({"id": event_id, "object": "event", "type": kind, "created": int(time.time()),
+                       "data": {"object": refund}}).encode()

@@ -14,14 +14,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import ROOT, SAMPLE, make_pipeline
-from helpers import WebhookReceiver, free_port, terminate, webhook_receiver
+from fake_providers import FakeStripe
+from fake_providers import serve as serve_fake
+from helpers import WebhookReceiver, free_port, stripe_refund_event, stripe_signature, terminate, webhook_receiver
 
 from adapters.webhooks import verify
 from entrypoints.demo import shifted_catalog
@@ -37,6 +39,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     for s in json.loads((SAMPLE / "requests.json").read_text(encoding="utf-8"))
 }
 SECRET: dict[str, str] = {}
+STRIPE_WEBHOOK_SECRET = "whsec_served_test"
 EMAILS = {c["email"] for c in json.loads((SAMPLE / "catalog.json").read_text(encoding="utf-8"))["customers"]}
 
 
@@ -61,7 +64,15 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver) -> Iterator[Served]:
+def stripe() -> Iterator[tuple[FakeStripe, str]]:
+    fake = FakeStripe()
+    with serve_fake(fake) as url:
+        yield fake, url
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver,
+           stripe: tuple[FakeStripe, str]) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("serve")
     url = f"sqlite:///{base / 'returns.db'}"
     pipeline = make_pipeline(base / "home", url)
@@ -74,6 +85,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver) 
         "RETURNS_API_PORT": str(api_port), "RETURNS_PREFECT_PORT": str(prefect_port),
         # The tests expect 201s: a busy machine must make the flow slower, not the answer a 202 (which has its test).
         "RETURNS_API_WAIT": "90",
+        "RETURNS_STRIPE_API_KEY": stripe[0].api_key, "RETURNS_STRIPE_API_BASE": stripe[1],
+        "RETURNS_STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
@@ -189,6 +202,46 @@ def test_the_dock_receipt_completes_it_and_every_transition_reaches_the_webhook(
         assert verify(SECRET["webhook"], header, body, now=int(time.time()))
     shown = served.pipeline.webhooks()[0]
     assert shown["deliveries"].get("sent", 0) == len(receiver.got) and shown["latest"][0]["status"] == "sent"
+
+
+def test_a_stripe_refund_event_completes_a_pending_return_through_a_run_of_its_deployment(
+        served: Served, stripe: tuple[FakeStripe, str]) -> None:
+    fake, now = stripe[0], datetime.now(UTC)
+    charge = fake.add_payment(5000, refund_status="pending")
+    served.pipeline.import_data(parse(ImportIn, {
+        "products": [{"sku": "HOOK-SERUM", "name": "Serum", "kind": "skincare", "size": "retail", "price": "50.00"}],
+        "customers": [{"account": "ACC-HOOK", "name": "Hook Tester", "email": "hook@example.com", "address": {
+            "line1": "1 A St", "city": "Lantana", "region": "FL", "postal_code": "33462", "country": "US"}}],
+        "orders": [{"number": "HOOK-S1", "account": "ACC-HOOK", "channel": "direct",
+                    "placed_at": (now - timedelta(days=6)).isoformat(),
+                    "delivered_at": (now - timedelta(days=3)).isoformat(),
+                    "lines": [{"sku": "HOOK-SERUM", "quantity": 1, "unit_price": "50.00", "unit_tax": "0.00",
+                               "expires_on": "2029-01-31"}],
+                    "payments": [{"method": "visa", "amount": "50.00", "last4": "4242", "provider": "stripe",
+                                  "reference": charge.intent,
+                                  "captured_at": (now - timedelta(days=6)).isoformat()}]}]}))
+    r = served.api.post("/v1/returns", headers={"Idempotency-Key": "served-hook"}, json={
+        "order_number": "HOOK-S1", "email": "hook@example.com", "reason": "unwanted",
+        "lines": [{"sku": "HOOK-SERUM", "quantity": 1}]})
+    assert r.status_code == 201 and r.json()["decision"] == "authorized", r.text
+    rma = r.json()["rma_number"]
+    ThroughPrefect(served.prefect, served.pipeline).receive(parse(ReceiptIn, {
+        "rma": rma, "received_at": datetime.now(UTC).isoformat(), "by": "dock",
+        "lines": [{"sku": "HOOK-SERUM", "unopened": 1}]}))
+    assert served.api.get(f"/v1/returns/{rma}").json()["state"] == "processing"
+    [refund] = fake.refunds.values()
+    fake.settle(refund["id"], "succeeded")
+    body = stripe_refund_event("evt_served_1", dict(fake.refunds[refund["id"]]))
+    for duplicate in (False, True):
+        answer = served.api.post("/v1/providers/stripe/webhook", content=body, headers={
+            "Stripe-Signature": stripe_signature(body, STRIPE_WEBHOOK_SECRET), "Authorization": ""})
+        assert answer.json() == {"received": True, "duplicate": duplicate}, answer.text
+    deadline = time.monotonic() + 90
+    while (state := served.api.get(f"/v1/returns/{rma}").json()["state"]) != "completed":
+        assert time.monotonic() < deadline, f"still {state} 90 s after Stripe's event"
+        time.sleep(0.3)
+    assert [run["name"] for run in flow_runs(served)].count(f"process-{rma}") == 1
+    assert len(fake.creates("/v1/refunds")) == 1
 
 
 def test_no_email_address_in_any_prefect_object(served: Served) -> None:

@@ -52,6 +52,11 @@ class PayPalRefunds:
         """The refund's current status (an eCheck-funded refund stays PENDING until it clears)."""
         return _result(self._authorized("GET", f"/v2/payments/refunds/{quote(provider_ref, safe='')}"))
 
+    def verify_webhook(self, verification: dict[str, Any]) -> bool:
+        """Whether PayPal's verify-webhook-signature API answers SUCCESS for a delivery's headers and event."""
+        data = self._authorized("POST", "/v1/notifications/verify-webhook-signature", json=verification)
+        return data.get("verification_status") == "SUCCESS"
+
     def _authorized(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         headers = dict(kwargs.pop("headers", {}))
         for attempt in (1, 2):

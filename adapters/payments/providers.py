@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import httpx
 from sqlalchemy import Engine
 
 from adapters.db import unit_of_work
@@ -19,6 +20,7 @@ from adapters.payments.base import (
     ProviderMisconfigured,
     ProviderPayment,
     ProviderRefused,
+    ProviderUnavailable,
     RefundAdapter,
     RefundResult,
     RefundStatus,
@@ -29,6 +31,7 @@ from models.tables import GatewaySettlement
 
 PROVIDERS = ("stripe", "paypal", "afterpay", "ledger")
 LEDGER = "ledger"
+WEBHOOK_SECRETS = {"stripe": "RETURNS_STRIPE_WEBHOOK_SECRET", "paypal": "RETURNS_PAYPAL_WEBHOOK_ID"}
 
 SecretLoader = Callable[[str], str | None]
 
@@ -41,6 +44,9 @@ def prefect_secret(block_name: str) -> str | None:
         block: Any = Secret.load(block_name)
     except ValueError:  # Prefect's answer for a block that does not exist
         return None
+    except (httpx.HTTPError, OSError, RuntimeError) as exc:
+        raise ProviderUnavailable(f"could not read the Prefect Secret block '{block_name}' "
+                                  f"({type(exc).__name__}); is the Prefect API up?") from None
     return str(block.get())
 
 
@@ -116,6 +122,11 @@ class Providers:
                                    self._credential("RETURNS_AFTERPAY_SECRET_KEY"),
                                    self._setting("RETURNS_AFTERPAY_API_BASE"))
         return LedgerRefunds(self.engine)
+
+    def webhook_secret(self, provider: str) -> str | None:
+        """What checks `provider`'s webhook calls (Stripe's signing secret, PayPal's webhook id); None: not set up."""
+        variable = WEBHOOK_SECRETS.get(provider)
+        return (self._env.get(variable) or self._secrets(block_name(variable)) or None) if variable else None
 
     def _setting(self, variable: str) -> str | None:
         return self._env.get(variable) or None

@@ -25,6 +25,7 @@ from entrypoints.api import views
 from entrypoints.api.config import ApiConfig
 from entrypoints.api.limits import BodyLimit, FailedLookups, TokenBucket
 from entrypoints.api.problems import PROBLEM_JSON, Problem, ProblemOut, answer, install, problem
+from entrypoints.api.providers import add_provider_webhooks
 from entrypoints.api.submit import InProcess, Submitter, ready
 from models.errors import InvalidInput
 from models.rma import parse_rma
@@ -185,6 +186,7 @@ def create_app(pipeline: Pipeline, submitter: Submitter | None = None, config: A
         shown = api.pipeline.order_returns(order, api.clock())
         return JSONResponse({"order_number": order, "returns": [views.status(s) for s in shown]})
 
+    add_provider_webhooks(app, api)
     if shop_pages:
         from entrypoints.api.shop import add_shop
 

@@ -12,13 +12,17 @@ from entrypoints.prefect_api import FINAL, PrefectApi, RunFailed
 from entrypoints.verbs import DEPLOYMENTS
 from service import stages
 from service.results import Accepted, Decided
-from service.stages import LocalSteps
+from service.stages import API, LocalSteps
 from service.steps import Pipeline
 
 
 class Submitter(Protocol):
     def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
         """Start (or find) the request's stage and wait up to `wait` s: its decision, or None if not yet."""
+        ...
+
+    def process(self, rma: str, run_key: str) -> None:
+        """Have the process stage ask about the return's refund (once per `run_key`); need not wait for it."""
         ...
 
 
@@ -43,6 +47,9 @@ class InProcess:
         request = self.pipeline.verified_request(accepted.reference, dict(accepted.parameters))
         return stages.after_request(LocalSteps(self.pipeline), request)
 
+    def process(self, rma: str, run_key: str) -> None:
+        stages.process(LocalSteps(self.pipeline), rma, API)
+
 
 @dataclass
 class ThroughPrefect:
@@ -62,6 +69,9 @@ class ThroughPrefect:
         own = PrefectApi(api.api_url, patience=patience)
         own.http.headers.update(api.http.headers)
         return cls(own, pipeline)
+
+    def process(self, rma: str, run_key: str) -> None:
+        self.api.create_run(DEPLOYMENTS["process"], {"rma": rma, "by": API.name}, idempotency_key=run_key)
 
     def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
         run_id = accepted.flow_run_id
