@@ -1,4 +1,4 @@
-"""The storefront API's latency: `python -m bench.api [-n 16] [--clients 1 4 16]`.
+"""The storefront API's latency: `python -m bench.api [-n 16] [--clients 1 4 16] [--prefect-db sqlite|postgres]`.
 
 In one run, against one local Prefect server and the worker (entrypoints.orchestrate.orchestrated), at each
 number of concurrent storefront clients, p50/p95 of:
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.measure import free_port, summary
+from bench.measure import PG_URL, free_port, recreate_prefect_db, summary
 from bench.pipeline import RESULTS
 from bench.report import code_version, machine
 from bench.workload import request_params, synthetic_catalog
@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=16, help="requests per client count and path (at least 4 x clients)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--quotes", type=int, default=50, help="quotes per client count")
+    ap.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite",
+                    help="the local Prefect server's database (postgres: a fresh database on 127.0.0.1:5432)")
     args = ap.parse_args(argv)
+    if args.prefect_db == "postgres":
+        recreate_prefect_db()
+        os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = PG_URL  # only the server reads it
 
     base = Path(tempfile.mkdtemp(prefix="returns-bench-api-"))
     os.environ.update({"RETURNS_HOME": str(base / "home"), "RETURNS_DATABASE_URL": f"sqlite:///{base / 'r.db'}",
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         clock(pipeline, "decided_request", phases)
         with api_thread(create_app(pipeline, submitter, config), "127.0.0.1", free_port()) as url:
             run_levels(args, per, driver, pipeline, url, orders, tag, rows, phases)
-    report(rows)
+    report(rows, args.prefect_db)
     return 0
 
 
@@ -146,7 +151,7 @@ def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, url: 
         sys.stderr.write(f"[bench.api] {clients} client(s) done\n")
 
 
-def report(rows: list[dict[str, Any]]) -> None:
+def report(rows: list[dict[str, Any]], prefect_db: str) -> None:
     """The table on stdout, ratios within the run; the rows as JSON under bench/results/."""
     by = {(r["clients"], r["path"]): r for r in rows}
     for r in rows:
@@ -163,7 +168,8 @@ def report(rows: list[dict[str, Any]]) -> None:
         print(f"| {r['clients']} | {r['path']} | {n} | {ms[0]} | {ms[1]} | {ratios[0]} | {ratios[1]} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"api-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps({"code": code_version(), "machine": machine(), "rows": rows}, indent=2, default=str))
+    out.write_text(json.dumps({"code": code_version(), "machine": machine(), "prefect_db": prefect_db, "rows": rows},
+                              indent=2, default=str))
     sys.stderr.write(f"[bench.api] wrote {out}\n")
 
 
