@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("webhook", help="endpoints that get every transition, signed: add prints the secret once")
     sp.add_argument("action", choices=["add", "list", "remove"])
     sp.add_argument("target", nargs="?", help="add: the endpoint URL; remove: its id")
+    _desk_parsers(sub)
     sub.add_parser("serve", help="the local Prefect server (unless PREFECT_API_URL answers), the worker and the API")
     sp = sub.add_parser("demo", help="run the sample returns through their whole life")
     sp.add_argument("--exit-when-done", action="store_true", help="exit after the sample instead of serving")
@@ -147,6 +148,7 @@ def run(argv: list[str]) -> int:
             key_name(args.name)
         elif args.action == "add" and args.target:
             check_url(args.target)
+    desk = _desk(args)
     through_prefect = bool(os.environ.get("PREFECT_API_URL")) and args.cmd in VERBS
     if through_prefect and fixed is not None:
         raise InvalidInput("--now replays a verb here and cannot reach a flow run: unset PREFECT_API_URL to use it")
@@ -158,6 +160,9 @@ def run(argv: list[str]) -> int:
         _print({"upgraded": True})
         return 0
     ensure_schema(pipeline)
+    if desk is not None:
+        desk(pipeline, now)
+        return 0
     if args.cmd == "import":
         _print(pipeline.import_data(payload).as_dict())
         return 0
@@ -183,6 +188,43 @@ def run(argv: list[str]) -> int:
     }
     _print(calls[args.cmd]())
     return 0
+
+
+def _desk_parsers(sub: Any) -> None:
+    sp = sub.add_parser("what-if", help="replay a candidate policy over the stored requests; writes nothing")
+    sp.add_argument("file", help='a JSON object of policy numbers, e.g. {"full_refund_days": 45}, or - for stdin')
+    sp.add_argument("--since", help="first request date replayed, YYYY-MM-DD (default: the first request)")
+    sp.add_argument("--until", help="last request date replayed, YYYY-MM-DD (default: today)")
+    sp = sub.add_parser("export", help="the returns requested in a period as CSV: ids, dates, decisions, amounts")
+    sp.add_argument("--since", required=True, help="first request date, YYYY-MM-DD (shop's time zone)")
+    sp.add_argument("--until", required=True, help="last request date, YYYY-MM-DD")
+
+
+def _desk(args: argparse.Namespace) -> Callable[[Any, datetime], None] | None:
+    """`what-if` and `export`, their input checked before anything is opened; both only read the database and run
+    here (no flow run), the same implementation the policy-what-if deployment runs."""
+    if args.cmd not in ("what-if", "export"):
+        return None
+    from models.whatif import Period, PolicyChangesIn, parse_day, refuse_unreplayed
+
+    period = Period(parse_day(args.since, "--since"), parse_day(args.until, "--until"))
+    if args.cmd == "export":
+        def export(pipeline: Any, now: datetime) -> None:
+            from service.report import export_csv
+
+            sys.stdout.write(export_csv(pipeline.engine, pipeline.policy, period))
+
+        return export
+    text = _read(args.file)
+    refuse_unreplayed(json.loads(text))
+    changes = parse(PolicyChangesIn, text)
+
+    def replay(pipeline: Any, now: datetime) -> None:
+        from service.whatif import what_if
+
+        _print(what_if(pipeline.engine, pipeline.policy, changes, period, now).to_json())
+
+    return replay
 
 
 def _storefront_admin(pipeline: Any, args: argparse.Namespace, now: datetime) -> Any:

@@ -72,7 +72,7 @@ class Period:
 
     def __post_init__(self) -> None:
         if self.since and self.until and self.since > self.until:
-            raise InvalidInput(f"--since {self.since} is after --until {self.until}")
+            raise InvalidInput(f"the period starts ({self.since}) after it ends ({self.until})")
 
     def bounds(self, policy: Policy) -> tuple[datetime | None, datetime | None]:
         """[start, end) as aware moments: midnight of `since` to midnight after `until`, local time."""
