@@ -116,6 +116,7 @@ class StoredRequest:
     deadline_at: datetime | None
     completed_at: datetime | None
     awaiting_parcel: bool  # authorized or expired without a receipt: R8 decides whether it lapsed
+    expired: bool  # the sweep expired its RMA (R8)
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,13 @@ def _stored_money(decision: dict[str, Any]) -> Money:
 
 
 def _lapsed(expires_at: datetime, stored: StoredRequest, as_of: datetime) -> bool:
-    """R8: the RMA lapsed before the parcel came (or, with none yet, before `as_of`)."""
-    return expires_at <= (stored.received_at or as_of)
+    """R8: the RMA lapsed before the parcel came; with none yet, by `as_of`; an expired one by its stored expiry too
+    (the sweep found it lapsed, whenever that was)."""
+    if stored.received_at is not None:
+        return expires_at <= stored.received_at
+    if stored.expired and stored.rma_expires_at is not None:
+        as_of = max(as_of, stored.rma_expires_at)
+    return expires_at <= as_of
 
 
 def replay(cand: Policy, stored: StoredRequest, as_of: datetime) -> ReturnChange | None:

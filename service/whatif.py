@@ -47,7 +47,8 @@ def stored_request(session: Session, ret: Return) -> StoredRequest:
         order=order_facts, lines=facts, exchange_prices=prices, decision=dict(ret.decision),
         rma_issued_at=ret.rma_issued_at, rma_expires_at=ret.rma_expires_at, received_at=ret.received_at,
         deadline_at=ret.deadline_at, completed_at=ret.completed_at,
-        awaiting_parcel=ret.received_at is None and ret.state in (State.AUTHORIZED, State.EXPIRED))
+        awaiting_parcel=ret.received_at is None and ret.state in (State.AUTHORIZED, State.EXPIRED),
+        expired=ret.state == State.EXPIRED)
 
 
 def what_if(engine: Engine, base: Policy, changes: PolicyChangesIn, period: Period, as_of: datetime) -> WhatIf:
