@@ -28,8 +28,9 @@ WHOLE = {"since": date(2026, 11, 20), "until": date(2026, 11, 20)}  # the day ev
 
 
 @pytest.fixture
-def history(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+def history(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
     """The pipeline the tasks use, on a fresh SQLite database holding the known history."""
+    request.getfixturevalue("prefect_harness")
     url = f"sqlite:///{tmp_path / 'returns.db'}"
     monkeypatch.setenv("RETURNS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RETURNS_DATABASE_URL", url)
