@@ -85,9 +85,27 @@ def test_the_scheduled_deployments_run_one_at_a_time(declared: dict[Any, Any]) -
     reconcile = declared[("flows/reconcile.py:refund_reconciliation", "daily")]
     assert [(s.get("cron"), s.get("timezone")) for s in schedules(reconcile)] == [("30 6 * * *", "America/New_York")]
     assert concurrency(reconcile) == 1
+    report = declared[("flows/desk.py:returns_report", "weekly")]
+    assert [(s.get("cron"), s.get("timezone")) for s in schedules(report)] == [("0 7 * * 1", "America/New_York")]
+    assert concurrency(report) == 1
     scheduled = {key for key, d in declared.items() if schedules(d)}
     assert scheduled == {("flows/returns.py:deadline_sweep", "hourly"), ("flows/returns.py:outbox_relay",
                                                                           "every-minute"),
-                         ("flows/reconcile.py:refund_reconciliation", "daily")}
+                         ("flows/reconcile.py:refund_reconciliation", "daily"),
+                         ("flows/desk.py:returns_report", "weekly")}
     assert all(s.get("active", True) for d in declared.values() for s in schedules(d))
     assert all(concurrency(d) is None for key, d in declared.items() if key not in scheduled)
+
+
+def test_the_desk_deployments(declared: dict[Any, Any]) -> None:
+    """The what-if runs on demand only; the report weekly and on demand; their forms refuse unknown fields."""
+    what_if = declared[("flows/desk.py:policy_what_if", "on-demand")]
+    assert not schedules(what_if)
+    schema = flow_at(what_if["entrypoint"]).parameters.model_dump()
+    policy = schema["definitions"]["PolicyChangesIn"]
+    assert policy["additionalProperties"] is False
+    assert {"full_refund_days", "restocking_fee_rate", "damage_report_hours", "rma_valid_days",
+            "late_return_min_shelf_life_years", "processing_days"} <= set(policy["properties"])
+    assert set(schema["properties"]) == {"policy", "since", "until"}
+    report = flow_at(declared[("flows/desk.py:returns_report", "weekly")]["entrypoint"])
+    assert set(report.parameters.model_dump()["properties"]) == {"since", "until"}
