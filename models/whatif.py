@@ -148,9 +148,9 @@ class ReturnChange:
         """A table row: ids and amounts only."""
         return {"rma": self.rma or "-", "order": self.order_number, "requested": self.requested_on.isoformat(),
                 "decision": f"{self.before} -> {self.after}" if self.before != self.after else self.after,
-                "changes": "; ".join(self.changes),
                 "refund": f"{self.money_before.refund} -> {self.money_after.refund}",
-                "fee": f"{self.money_before.fee} -> {self.money_after.fee}"}
+                "fee": f"{self.money_before.fee} -> {self.money_after.fee}",
+                "changes": "; ".join(self.changes)}  # last: the long column
 
 
 def _label(outcome: str, basis: str, clauses: list[str] | tuple[str, ...]) -> str:

@@ -16,12 +16,12 @@ from tasks.returns import RETRY, pipeline
 WHAT_IF_TABLE = "policy-what-if"  # the changed returns, one row each
 WHAT_IF_SUMMARY = "policy-what-if-summary"
 REPORT = "returns-report"
-WHAT_IF_COLUMNS = ("rma", "order", "requested", "decision", "changes", "refund", "fee")
+WHAT_IF_COLUMNS = ("rma", "order", "requested", "decision", "refund", "fee", "changes")
 TOP_SKUS = 15
 
 
 def _period_text(period: Period) -> str:
-    return f"{period.since or 'the first request'} to {period.until or 'today'}"
+    return f"{period.since or 'the start'} to {period.until or 'today'}"
 
 
 @task(name="replay-policy", timeout_seconds=600, **RETRY)
@@ -37,7 +37,7 @@ def what_if_markdown(result: WhatIf) -> str:
         "current policy)"
     money = result.money()
     out = [f"# What-if: {changed}", "",
-           f"Requests of {_period_text(result.period)} replayed: **{result.replayed}**; "
+           f"Requests replayed ({_period_text(result.period)}, each on its own date): **{result.replayed}**; "
            f"outcomes that change: **{len(result.returns)}**", "",
            "| money (at decision) | now | candidate | moves |", "|---|---|---|---|"]
     out += [f"| {name.replace('_', ' ')} | {m['before']} | {m['after']} | {m['moves']} |" for name, m in money.items()]
