@@ -194,15 +194,16 @@ def replay(cand: Policy, stored: StoredRequest, as_of: datetime) -> ReturnChange
     money_before = _stored_money(stored.decision)
     money_after = Money(sum((ln.refund for ln in new.lines), Decimal("0.00")),
                         sum((ln.restocking_fee for ln in new.lines), Decimal("0.00")))
-    if new.outcome is not Outcome.DECLINED and stored.rma_issued_at and stored.rma_expires_at and (
-            stored.received_at or stored.awaiting_parcel):
-        was_lapsed = _lapsed(stored.rma_expires_at, stored, as_of)
-        is_lapsed = _lapsed(cand.rma_valid_until(stored.rma_issued_at), stored, as_of)
-        if was_lapsed != is_lapsed:
-            changes.append("R8: RMA " + ("lapsed -> valid" if was_lapsed else "valid -> lapsed"))
+    if stored.rma_issued_at and stored.rma_expires_at and (stored.received_at or stored.awaiting_parcel):
+        # A lapsed RMA pays nothing (R8), under either policy; a request the candidate declines has no RMA to lapse.
         zero = Money(Decimal("0.00"), Decimal("0.00"))
+        was_lapsed = _lapsed(stored.rma_expires_at, stored, as_of)
         money_before = zero if was_lapsed else money_before
-        money_after = zero if is_lapsed else money_after
+        if new.outcome is not Outcome.DECLINED:
+            is_lapsed = _lapsed(cand.rma_valid_until(stored.rma_issued_at), stored, as_of)
+            if was_lapsed != is_lapsed:
+                changes.append("R8: RMA " + ("lapsed -> valid" if was_lapsed else "valid -> lapsed"))
+            money_after = zero if is_lapsed else money_after
     if stored.received_at and stored.deadline_at:
         processed = stored.completed_at or as_of
         was_late = processed > stored.deadline_at

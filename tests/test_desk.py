@@ -141,3 +141,15 @@ def test_the_report_of_a_day_counts_only_what_happened_that_day(history: Pipelin
     out = run(desk.returns_report, since=date(2026, 11, 20), until=date(2026, 11, 20)).result()
     assert (out["requested"], out["completed"], out["expired"], out["refunds_paid"]) == (5, 0, 0, "0.00")
     assert out["return_rate_per_sku"] == []  # no order was placed that day
+
+
+def test_a_stricter_expiry_rule_declines_late_returns_and_an_expired_rma_moves_no_money(history: Pipeline) -> None:
+    out = what_if(history.engine, history.policy, PolicyChangesIn(late_return_min_shelf_life_years=5),
+                  Period(**WHOLE), LATER).to_json()
+    by_order = {r["order_number"]: r for r in out["returns"]}
+    # P4 needs five years of shelf life: IS-1002's PV-SPF50-91 (2028-06-30) and IS-1008's serum (2028-09-30) fail.
+    assert {o: r["changes"][0] for o, r in by_order.items()} == {"IS-1002": "decision authorized -> declined",
+                                                                "IS-1008": "decision authorized -> declined"}
+    assert (by_order["IS-1002"]["refund_before"], by_order["IS-1002"]["refund_after"]) == ("80.04", "0.00")
+    assert (by_order["IS-1008"]["refund_before"], by_order["IS-1008"]["refund_after"]) == ("0.00", "0.00")  # R8
+    assert out["money"]["refunds"]["moves"] == "-80.04" and out["money"]["restocking_fees"]["moves"] == "-18.40"
