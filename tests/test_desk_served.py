@@ -113,5 +113,10 @@ def test_the_prefect_ui_shows_the_report_charts_and_the_what_if(shop: Shop, tmp_
             page.goto(f"{ui}/artifacts/artifact/{table['id']}")
             page.get_by_text("IS-1002").first.wait_for(timeout=30_000)
             page.screenshot(path=str(shots / "ui-what-if-table.png"), full_page=True)
+            # The deployment's run form: one field per policy number, named as on the Policy object.
+            deployment = shop.deployment("policy-what-if/on-demand")
+            page.goto(f"{ui}/deployments/deployment/{deployment['id']}/run")
+            page.get_by_text("Full Refund Days").first.wait_for(timeout=30_000)  # the UI title-cases field names
+            page.screenshot(path=str(shots / "ui-what-if-form.png"), full_page=True)
         finally:
             browser.close()
