@@ -259,6 +259,19 @@ class ProviderEventIn(SQLModel, table=True):
     received_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
+class Escalation(SQLModel, table=True):
+    """A return escalated to Customer Care by an automation, once: the unique return id makes a second firing (a
+    redelivered event, or the overdue flag and a failed run both) find this row instead of escalating again."""
+
+    __tablename__ = "escalations"
+    id: int | None = Field(default=None, primary_key=True)
+    return_id: int = Field(foreign_key="returns.id", unique=True)
+    rma: str = Field(max_length=16)
+    cause: str = Field(max_length=40)  # the Prefect event that fired it: returns.overdue, prefect.flow-run.Failed
+    source: str | None = Field(default=None, max_length=80)  # the failed flow run's id, if a run failed
+    escalated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class OutboxMessage(SQLModel, table=True):
     """Transactional outbox: written with the state change that causes it; the relay delivers it."""
 

@@ -146,15 +146,39 @@ class SweepReport:
 
 
 @dataclass(frozen=True)
+class BoardRow:
+    """One return on a list of the board: ids and the columns that list shows (no personal data)."""
+
+    rma: str
+    order_number: str
+    since: datetime | None = None  # in review since, expired at, escalated at
+    deadline: datetime | None = None  # the processing deadline (R9), or the RMA's validity (R8)
+    why: str = ""  # why it waits for a person: the review's reasons, the escalation's cause
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rma": self.rma, "order_number": self.order_number, "why": self.why,
+                "since": self.since.isoformat() if self.since else None,
+                "deadline": self.deadline.isoformat() if self.deadline else None}
+
+
+@dataclass(frozen=True)
 class Board:
-    """What waits for a person at `as_of`: counts per state, due soon, overdue, stuck."""
+    """What waits for a person at `as_of`: counts per state; in review, due soon, overdue, stuck, RMAs about to
+    expire, RMAs expired within the week, escalated returns."""
 
     as_of: datetime
     counts: Mapping[str, int]
     due_soon: list[str]
     overdue: list[str]
     stuck: list[str]
+    in_review: list[BoardRow] = field(default_factory=list)
+    expiring: list[BoardRow] = field(default_factory=list)
+    expired: list[BoardRow] = field(default_factory=list)
+    escalated: list[BoardRow] = field(default_factory=list)
+    deadlines: Mapping[str, datetime] = field(default_factory=dict)  # of the due-soon, overdue and stuck ones
 
     def to_json(self) -> dict[str, Any]:
         return {"as_of": self.as_of.isoformat(), "counts": dict(self.counts), "due_soon": self.due_soon,
-                "overdue": self.overdue, "stuck": self.stuck}
+                "overdue": self.overdue, "stuck": self.stuck} | {
+            name: [r.to_json() for r in getattr(self, name)]
+            for name in ("in_review", "expiring", "expired", "escalated")}

@@ -6,12 +6,12 @@ The stages (service/stages.py) say in which order they run; the Prefect tasks wr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from adapters.config import Settings
 from adapters.config import settings as load_settings
@@ -25,15 +25,28 @@ from models.errors import NotFound, StaleState
 from models.notices import MessageKind, OutboxStatus
 from models.policy import DEFAULT_POLICY, Flag, Policy, deadline_flag
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
-from models.states import State
-from models.tables import Customer, Order, OutboxMessage, Product, Refund, RefundAllocation, Return, Transition
-from service import refunds, storefront
+from models.states import TERMINAL, State
+from models.tables import (
+    Customer,
+    Escalation,
+    Order,
+    OutboxMessage,
+    Product,
+    Refund,
+    RefundAllocation,
+    Return,
+    Transition,
+)
+from service import escalations, refunds, storefront
 from service import returns as svc
 from service.relay import RelayReport, relay
-from service.results import Accepted, Board, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
+from service.results import Accepted, Board, BoardRow, Completed, Decided, Moved, Payout, PlannedRefund, SweepPlan
 from service.returns import Actor
 
 OPEN_CLOCK = (State.RECEIVED, State.PROCESSING, State.REVIEW)
+EXPIRY_WARNING = timedelta(days=3)  # an authorized RMA this close to its validity is on the board's expiring list
+EXPIRED_SHOWN = timedelta(days=7)  # an expired RMA (and a closed escalated return) stays on the board this long
+BOARD_LIMIT = 200  # rows per list; the counts table still counts them all
 
 
 @dataclass
@@ -379,18 +392,65 @@ class Pipeline:
                                    .group_by(col(OutboxMessage.status))).all()
         return {str(s): 0 for s in OutboxStatus} | {str(s): int(n) for s, n in rows}
 
+    def escalate_return(self, rma: str, cause: str, source: str | None, now: datetime) -> bool:
+        """Escalate the return to Customer Care (recorded, emailed); False when it was escalated before."""
+        try:
+            with unit_of_work(self.engine) as session:
+                escalations.escalate(session, rma, cause, source, now, self.policy, self.settings)
+        except IntegrityError:  # the unique return id: another firing escalated it first
+            return False
+        return True
+
     def board(self, as_of: datetime) -> Board:
-        """Counts per state, and the RMAs due soon, overdue and stuck at `as_of`."""
-        with unit_of_work(self.engine) as session:
+        """Counts per state, and the returns waiting for a person at `as_of` (see Board)."""
+        with unit_of_work(self.engine, read_only=True) as session:
             counts = svc.counts_by_state(session)
             plan = svc.sweep_candidates(session, as_of, self.policy)
             open_clock = session.execute(select(col(Return.rma), col(Return.deadline_at)).where(
                 col(Return.state).in_(OPEN_CLOCK), col(Return.deadline_at).is_not(None))).all()
+            in_review = _in_review(session)
+            expiring = [BoardRow(r.rma, r.order_number, deadline=r.rma_expires_at) for r in session.scalars(
+                select(Return).where(col(Return.state) == State.AUTHORIZED,
+                                     col(Return.rma_expires_at) <= as_of + EXPIRY_WARNING)
+                .order_by(col(Return.rma_expires_at)).limit(BOARD_LIMIT)) if r.rma]
+            expired = [BoardRow(str(rma), order, since=at, deadline=valid) for rma, order, at, valid in session.execute(
+                select(col(Return.rma), col(Return.order_number), col(Transition.at), col(Return.rma_expires_at))
+                .join(Transition, col(Transition.return_id) == Return.id)
+                .where(col(Transition.to_state) == State.EXPIRED, col(Transition.at) > as_of - EXPIRED_SHOWN,
+                       col(Return.state) == State.EXPIRED)
+                .order_by(col(Transition.at).desc()).limit(BOARD_LIMIT))]
+            escalated = [BoardRow(e.rma, order, since=e.escalated_at, deadline=deadline,
+                                  why=f"{e.cause} ({state})") for e, order, deadline, state in session.execute(
+                select(Escalation, col(Return.order_number), col(Return.deadline_at), col(Return.state))
+                .join(Return, col(Return.id) == Escalation.return_id)
+                .where(col(Return.state).not_in(TERMINAL) | (col(Escalation.escalated_at) > as_of - EXPIRED_SHOWN))
+                .order_by(col(Escalation.escalated_at).desc()).limit(BOARD_LIMIT))]
         flags = {rma: deadline_flag(self.policy, deadline, as_of) for rma, deadline in open_clock}
         return Board(as_of=as_of, counts=counts,
                      due_soon=sorted(r for r, f in flags.items() if f is Flag.DUE_SOON),
                      overdue=sorted(r for r, f in flags.items() if f is Flag.OVERDUE),
-                     stuck=plan.redrive)
+                     stuck=plan.redrive, in_review=in_review, expiring=expiring, expired=expired,
+                     escalated=escalated, deadlines={str(rma): d for rma, d in open_clock})
+
+
+def _in_review(session: Session) -> list[BoardRow]:
+    """Returns in review: since when, the deadline if received, and why (the reasons Customer Care was sent)."""
+    rows = session.execute(select(col(Return.id), col(Return.rma), col(Return.order_number), col(Return.deadline_at))
+                           .where(col(Return.state) == State.REVIEW).order_by(col(Return.id)).limit(BOARD_LIMIT)).all()
+    ids = [r[0] for r in rows]
+    since: dict[int, datetime] = {}
+    for rid, at in session.execute(select(col(Transition.return_id), func.max(Transition.at)).where(
+            col(Transition.return_id).in_(ids), col(Transition.to_state) == State.REVIEW)
+            .group_by(col(Transition.return_id))):
+        since[int(rid)] = at
+    why: dict[int, str] = {}
+    for msg in session.scalars(select(OutboxMessage).where(  # the latest review email per return says why
+            col(OutboxMessage.return_id).in_(ids), col(OutboxMessage.kind) == MessageKind.REVIEW_NEEDED)
+            .order_by(col(OutboxMessage.id))):
+        reasons = msg.context.get("reasons")
+        why[int(msg.return_id or 0)] = "; ".join(str(x) for x in reasons) if isinstance(reasons, list) else ""
+    return [BoardRow(str(rma or f"#{rid}"), order, since=since.get(rid), deadline=deadline, why=why.get(rid, ""))
+            for rid, rma, order, deadline in rows]
 
 
 def _accepted(row: Any, replayed: bool) -> Accepted:

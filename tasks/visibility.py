@@ -14,6 +14,7 @@ from models.policy import Policy
 from service.results import Board
 from service.steps import Pipeline
 
+BOARD_KEY = "returns-board"
 EVENT_NAMESPACE = uuid.UUID("6f1c2a52-8e0b-4a53-9a55-3d1f0c9e2b71")
 
 
@@ -83,18 +84,54 @@ def publish_return(pipeline: Pipeline, rma: str, flow_run_id: str | None = None)
                    id=uuid.uuid5(EVENT_NAMESPACE, f"{rma}:{shown['deadline_flag']}:{shown['deadline']}"))
 
 
+def artifact_link(rma: str) -> str:
+    """A markdown link to the return's artifact in the Prefect UI (its page by key: the latest version)."""
+    from prefect.settings import get_current_settings
+
+    base = (get_current_settings().ui_url or "").rstrip("/")  # relative to the UI's host when not configured
+    return f"[{rma}]({base}/artifacts/key/{artifact_key(rma)})"
+
+
+def _when(t: datetime | None) -> str:
+    return t.isoformat()[:16].replace("T", " ") if t else ""
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["", f"## {title}: {len(rows)}", ""]
+    if rows:
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows[:200]]
+    return out
+
+
 def board_markdown(board: Board, policy: Policy) -> str:
-    """The sweep's board: counts per state and the lists operators act on."""
-    lines = [f"# Returns board at {board.as_of.isoformat()[:16]}", "", "| state | returns |", "|---|---|"]
+    """The sweep's board: counts per state and, as tables linking to each return's artifact, what waits for a person
+    (times in UTC)."""
+    lines = [f"# Returns board at {board.as_of.isoformat()[:16]} UTC", "", "| state | returns |", "|---|---|"]
     lines += [f"| {state} | {n} |" for state, n in sorted(board.counts.items())]
     deadline = f"the {policy.processing_days}-day deadline"
+    lines += _table("Escalated to Customer Care (by an automation: overdue, or a stage run failed)",
+                    ["return", "order", "escalated at", "why (state now)", "deadline"],
+                    [[artifact_link(r.rma), r.order_number, _when(r.since), r.why, _when(r.deadline)]
+                     for r in board.escalated])
+    lines += _table("In review (a person decides: settle-review)", ["return", "order", "why", "since", "deadline"],
+                    [[artifact_link(r.rma) if r.rma.startswith("RMA-") else r.rma, r.order_number, r.why,
+                      _when(r.since), _when(r.deadline)] for r in board.in_review])
     for title, items in ((f"Due soon (R9: within {policy.escalate_before_hours} h of {deadline})", board.due_soon),
                          (f"Overdue (R9: past {deadline})", board.overdue),
                          ("Stuck (past the processing lease; the sweep re-drives them)", board.stuck)):
-        lines += ["", f"## {title}: {len(items)}", ""] + [f"- {r}" for r in items[:200]]
+        lines += _table(title, ["return", "deadline"],
+                        [[artifact_link(r), _when(board.deadlines.get(r))] for r in items])
+    lines += _table("RMAs about to expire (R8: no parcel yet)", ["return", "order", "valid until"],
+                    [[artifact_link(r.rma), r.order_number, _when(r.deadline)] for r in board.expiring])
+    lines += _table("Expired in the last 7 days (R8: the customer got the 'expired' email)",
+                    ["return", "order", "valid until", "expired at"],
+                    [[artifact_link(r.rma), r.order_number, _when(r.deadline), _when(r.since)] for r in board.expired])
     return "\n".join(lines)
 
 
 def publish_board(board: Board, policy: Policy) -> None:
-    create_markdown_artifact(key="returns-board", markdown=board_markdown(board, policy),
-                             description="Counts per state, due soon, overdue, stuck")
+    """Write the board artifact (a new version under the stable key `returns-board`)."""
+    create_markdown_artifact(key=BOARD_KEY, markdown=board_markdown(board, policy),
+                             description="What waits for a person: escalated, in review, due soon, overdue, stuck, "
+                                         "expiring, expired")

@@ -66,6 +66,10 @@ CONTEXTS: dict[str, dict[str, Any]] = {
     "review_needed": _CARE | {"reasons": ["no expiration date is recorded for this lot"]},
     "due_soon": _CARE | {"received_on": "2026-12-01", "deadline": "2026-12-11T15:04:00+00:00", "state": "received"},
     "overdue": _CARE | {"received_on": "2026-12-01", "deadline": "2026-12-11T15:04:00+00:00", "state": "processing"},
+    "escalated": _CARE | {"why": "a pipeline run for it failed, so it will not move on by itself", "state": "received",
+                         "received_on": "2026-12-01", "deadline": "2026-12-11T15:04:00+00:00", "refund_total": "48.60",
+                         "flow_run_id": "0f3c2a52-8e0b-4a53-9a55-3d1f0c9e2b71",
+                         "lines": [{"sku": "VC-SERUM-30", "quantity": 1, "decision": "authorized"}]},
 }
 SUBJECTS = {
     "rma_issued": f"Your return {RMA} is authorized",
@@ -76,6 +80,7 @@ SUBJECTS = {
     "review_needed": f"Review needed: {RMA} (order IS-100234)",
     "due_soon": f"Due soon: {RMA} must be processed by December 11, 2026 at 10:04 AM ET",
     "overdue": f"OVERDUE: {RMA} passed its processing deadline (December 11, 2026 at 10:04 AM ET)",
+    "escalated": f"Escalated: {RMA} (order IS-100234) needs Customer Care now",
 }
 
 
