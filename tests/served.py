@@ -54,9 +54,11 @@ def prefect_with_deployments(base: Path, pool_type: str = IN_PROCESS) -> Iterato
     home, port = base / "prefect", free_port()
     with pytest.MonkeyPatch.context() as mp:
         # Only for the server: store events every 0.5 s (default 5 s) so a test sees them without a long wait,
-        # and no scheduler, so the hourly and every-minute deployments add no runs beside a test's own.
+        # and no scheduler, so the hourly and every-minute deployments add no runs beside a test's own; the triggers
+        # service on (its default, said here because the automations need it).
         mp.setenv("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
         mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "true")
         server = start_server(home, port=port)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RETURNS_"))}
     env |= prefect_env(home, port)
