@@ -96,6 +96,11 @@ def _when(t: datetime | None) -> str:
     return t.isoformat()[:16].replace("T", " ") if t else ""
 
 
+def _short(text: str, limit: int = 90) -> str:
+    """A board cell stays one line; the return's artifact and Customer Care's email have the whole text."""
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
 def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["", f"## {title}: {len(rows)}", ""]
     if rows:
@@ -114,9 +119,9 @@ def board_markdown(board: Board, policy: Policy) -> str:
                     ["return", "order", "escalated at", "why (state now)", "deadline"],
                     [[artifact_link(r.rma), r.order_number, _when(r.since), r.why, _when(r.deadline)]
                      for r in board.escalated])
-    lines += _table("In review (a person decides: settle-review)", ["return", "order", "why", "since", "deadline"],
-                    [[artifact_link(r.rma) if r.rma.startswith("RMA-") else r.rma, r.order_number, r.why,
-                      _when(r.since), _when(r.deadline)] for r in board.in_review])
+    lines += _table("In review (a person decides: settle-review)", ["return", "order", "since", "deadline", "why"],
+                    [[artifact_link(r.rma) if r.rma.startswith("RMA-") else r.rma, r.order_number, _when(r.since),
+                      _when(r.deadline), _short(r.why)] for r in board.in_review])
     for title, items in ((f"Due soon (R9: within {policy.escalate_before_hours} h of {deadline})", board.due_soon),
                          (f"Overdue (R9: past {deadline})", board.overdue),
                          ("Stuck (past the processing lease; the sweep re-drives them)", board.stuck)):
