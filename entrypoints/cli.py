@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from adapters.redact import install_redaction
 from entrypoints.prefect_api import RunFailed
 from models.errors import InvalidInput, NotFound, ReturnsError, TransientError
+from models.review import Decision, ReviewReason
 from models.rma import parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, Strict, explain, parse
 
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--authorize", action="store_true")
     g.add_argument("--decline", action="store_true")
-    sp.add_argument("--note", required=True)
+    sp.add_argument("--reason", required=True, choices=[str(r) for r in ReviewReason],
+                    help="why (not_eligible and customer_withdrew go with --decline; other needs --note)")
+    sp.add_argument("--note", default="")
     sp.add_argument("--by", required=True)
     sp = sub.add_parser("cancel", help="withdraw an authorized return")
     sp.add_argument("rma")
@@ -181,7 +184,8 @@ def run(argv: list[str]) -> int:
         "request": lambda: verbs.request(payload),
         "receive": lambda: verbs.receive(payload),
         "process": lambda: verbs.process(rma, by or "cli"),
-        "review": lambda: verbs.review(rma, args.authorize, note, by),
+        "review": lambda: verbs.review(rma, Decision.AUTHORIZE if args.authorize else Decision.DECLINE,
+                                       ReviewReason(args.reason), note, by),
         "cancel": lambda: verbs.cancel(rma, note, by),
         "sweep": lambda: verbs.sweep(as_of),
         "relay": lambda: verbs.relay(),

@@ -12,6 +12,7 @@ from typing import Any
 
 from adapters.clock import utcnow
 from entrypoints.verbs import Direct, ThroughPrefect, Verbs
+from models.review import Decision, ReviewReason
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn, parse
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
@@ -80,7 +81,8 @@ def run_sample(verbs: Verbs, pipeline: Any) -> dict[str, dict[str, Any]]:
     mail.report(verbs.relay())
 
     _say(f"\n== an operator settles the review of {REVIEW_BEFORE_RECEIPT} (R2: expiry checked by hand)")
-    out = verbs.review(by_order[REVIEW_BEFORE_RECEIPT], True, "lot expiry checked: more than a year out", OPERATOR)
+    out = verbs.review(by_order[REVIEW_BEFORE_RECEIPT], Decision.AUTHORIZE, ReviewReason.EXPIRY_CHECKED,
+                       "lot expiry more than a year out", OPERATOR)
     _say(f"  {REVIEW_BEFORE_RECEIPT:8} -> {out['state']}")
 
     _say("\n== parcels received at Lantana (P7, P8, R12); processing starts at once")
@@ -103,7 +105,8 @@ def run_sample(verbs: Verbs, pipeline: Any) -> dict[str, dict[str, Any]]:
     mail.report(verbs.relay())
 
     _say(f"\n== an operator settles {REVIEW_AFTER_RECEIPT} (damaged in transit back, R12)")
-    out = verbs.review(by_order[REVIEW_AFTER_RECEIPT], True, "carrier damage; refund in full, claim filed", OPERATOR)
+    out = verbs.review(by_order[REVIEW_AFTER_RECEIPT], Decision.AUTHORIZE, ReviewReason.DAMAGE_CONFIRMED,
+                       "carrier damage; refund in full, claim filed", OPERATOR)
     _say(f"  {REVIEW_AFTER_RECEIPT:8} -> {out['state']}")
     mail.report(verbs.relay())
     return {order: pipeline.show(rma, utcnow()) for order, rma in by_order.items()}

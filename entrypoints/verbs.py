@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from adapters.clock import utcnow
 from entrypoints.prefect_api import PrefectApi
 from models.errors import InvalidInput
+from models.review import Decision, ReviewReason, review_note
 from models.schemas import ReceiptIn, ReturnRequestIn
 from service import stages
 from service.relay import RelayReport
@@ -43,7 +44,7 @@ class Verbs(Protocol):
     def request(self, req: ReturnRequestIn) -> dict[str, Any]: ...
     def receive(self, receipt: ReceiptIn) -> dict[str, Any]: ...
     def process(self, rma: str, by: str) -> dict[str, Any]: ...
-    def review(self, rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]: ...
+    def review(self, rma: str, decision: Decision, reason: ReviewReason, note: str, by: str) -> dict[str, Any]: ...
     def cancel(self, rma: str, note: str, by: str) -> dict[str, Any]: ...
     def sweep(self, as_of: datetime) -> dict[str, Any]: ...
     def relay(self) -> dict[str, Any]: ...
@@ -82,8 +83,9 @@ class Direct:
             raise not_waiting(rma)
         return _answer(self.pipeline, out)
 
-    def review(self, rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
-        return _answer(self.pipeline, stages.after_review(self.steps, rma, authorize, note, Actor.operator(by)))
+    def review(self, rma: str, decision: Decision, reason: ReviewReason, note: str, by: str) -> dict[str, Any]:
+        return _answer(self.pipeline, stages.after_review(self.steps, rma, decision is Decision.AUTHORIZE,
+                                                          review_note(decision, reason, note), Actor.operator(by)))
 
     def cancel(self, rma: str, note: str, by: str) -> dict[str, Any]:
         return _answer(self.pipeline, stages.after_cancel(self.steps, rma, note, Actor.operator(by)))
@@ -132,8 +134,10 @@ class ThroughPrefect:
             raise not_waiting(rma)
         return _answer(self.pipeline, self.pipeline.outcome(rma))
 
-    def review(self, rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
-        return self._moved("review", rma, {"rma": rma, "authorize": authorize, "note": note, "by": by})
+    def review(self, rma: str, decision: Decision, reason: ReviewReason, note: str, by: str) -> dict[str, Any]:
+        review_note(decision, reason, note)  # refused here, before a run is made for it
+        return self._moved("review", rma, {"rma": rma, "decision": str(decision), "reason": str(reason),
+                                           "note": note, "by": by})
 
     def cancel(self, rma: str, note: str, by: str) -> dict[str, Any]:
         return self._moved("cancel", rma, {"rma": rma, "note": note, "by": by})

@@ -3,16 +3,20 @@ so every step is a visible task run, and answers JSON at the edge."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
-from pydantic import AwareDatetime
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from pydantic import AwareDatetime, ValidationError
 
 from adapters.clock import utcnow
-from models.errors import InvalidInput
+from models.errors import InvalidInput, NotFound, StaleState
 from models.policy import Reason, Resolution
-from models.schemas import ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, parse
+from models.review import Decision, ReviewReason, review_note
+from models.rma import parse_rma
+from models.schemas import ParcelIn, ReceiptIn, ReceiptLineIn, RequestLineIn, ReturnRequestIn, explain, parse
 from service import stages
 from service.returns import Actor
 from tasks.returns import RELAY_REPORT, TASKS, pipeline, send_outbox
@@ -60,20 +64,59 @@ def request_return(
 
 @flow(name="record-receipt", flow_run_name="receipt-{rma}", **FLOW_OPTIONS)
 def record_receipt(
-    rma: str, lines: list[ReceiptLineIn], received_at: AwareDatetime | None = None, by: str = "dock"
+    rma: str, lines: list[ReceiptLineIn] | None = None, received_at: AwareDatetime | None = None, by: str = "dock"
 ) -> dict[str, Any]:
-    """receipt at Lantana (per-unit condition) -> 10-day clock -> processing starts at once -> emails.
+    """receipt at Lantana -> 10-day clock -> processing starts at once -> emails. Scan the label: that is all for a
+    parcel whose every unit arrived unopened.
 
     Args:
-        rma: The RMA number written on the box, e.g. RMA-7K2QMXP.
-        lines: One entry per SKU on the RMA (the return's artifact lists them): how many units arrived unopened,
-            opened, damaged, or are missing. They must add up to the units on the RMA.
+        rma: The RMA number: scan the label's barcode (Code 39) or type what is written on the box, e.g. RMA-7K2QMXP.
+        lines: Only the exceptions, if any: per SKU, how many units arrived opened, damaged or missing. Every
+            other unit on the RMA is counted as arrived unopened. Leave empty when all arrived unopened.
         received_at: When the parcel arrived; leave empty for now.
         by: Who at the dock logged it.
     """
-    receipt = parse(ReceiptIn, {"rma": rma, "received_at": (received_at or utcnow()).isoformat(), "by": by,
-                                "lines": _plain(lines)})
-    return stages.after_receipt(TASKS, receipt).to_json()
+    return stages.after_receipt(TASKS, receipt_of(rma, lines or [], received_at, by)).to_json()
+
+
+def receipt_of(rma: str, lines: list[Any], received_at: datetime | None, by: str) -> ReceiptIn:
+    """The parcel's receipt, validated; a refusal is one line naming the field (no RMA scanned included)."""
+    parse_rma(rma)  # no RMA, another shop's format or a wrong check character: the dock's words, not pydantic's
+    try:
+        return parse(ReceiptIn, {"rma": rma, "received_at": (received_at or utcnow()).isoformat(), "by": by,
+                                 "lines": _plain(lines)})
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid receipt: {explain(exc)}") from None
+
+
+@flow(name="dock-session", flow_run_name="dock-session-{by}", **FLOW_OPTIONS)
+def dock_session(parcels: list[ParcelIn], by: str = "dock", received_at: AwareDatetime | None = None) -> dict[str, Any]:
+    """Many parcels at once, each recorded in its own transaction: one bad label refuses only its own parcel.
+
+    Args:
+        parcels: One entry per parcel: its RMA as scanned and, if any, its exceptions (per SKU, units opened,
+            damaged or missing); every other unit on the RMA is counted as arrived unopened.
+        by: Who at the dock logged them.
+        received_at: When they arrived; leave empty for now.
+    """
+    progress = cast(UUID, create_progress_artifact(0.0, description=f"Dock session: {len(parcels)} parcels"))
+    rows: list[dict[str, Any]] = []
+    for n, parcel in enumerate(parcels, start=1):
+        try:
+            out = stages.after_receipt(TASKS, receipt_of(parcel.rma, parcel.lines, received_at, by))
+            rows.append({"parcel": n, "rma": out.rma_number, "result": "received", "state": str(out.state),
+                         "why": ""})
+        except (InvalidInput, NotFound, StaleState) as exc:
+            rows.append({"parcel": n, "rma": parcel.rma.strip()[:40], "result": "refused", "state": "",
+                         "why": str(exc)[:300]})
+        except Exception as exc:  # noqa: BLE001 - one parcel's failure (after its retries) never stops the others
+            rows.append({"parcel": n, "rma": parcel.rma.strip()[:40], "result": "failed (scan it again)",
+                         "state": "", "why": type(exc).__name__})
+        update_progress_artifact(progress, 100.0 * n / max(len(parcels), 1))
+    received = sum(r["result"] == "received" for r in rows)
+    create_table_artifact(key="dock-session", table=rows, description=f"Dock session by {by}: {received} received, "
+                          f"{len(rows) - received} refused or failed, of {len(rows)} parcels")
+    return {"received": received, "refused": len(rows) - received, "parcels": rows}
 
 
 @flow(name="process-return", flow_run_name="process-{rma}", **FLOW_OPTIONS)
@@ -89,16 +132,19 @@ def process_return(rma: str, by: str = "api") -> dict[str, Any] | None:
 
 
 @flow(name="settle-review", flow_run_name="review-{rma}", **FLOW_OPTIONS)
-def settle_review(rma: str, authorize: bool, note: str, by: str) -> dict[str, Any]:
+def settle_review(rma: str, decision: Decision, reason: ReviewReason, by: str, note: str = "") -> dict[str, Any]:
     """An operator's decision on a return in review: authorize (RMA + label, or processing) or decline.
 
     Args:
         rma: The return's RMA number (a return in review has one already).
-        authorize: On to issue the RMA (before receipt) or pay the return (after it); off to decline it.
-        note: Why: it goes in the audit log and, on a decline, to the customer.
+        decision: authorize issues the RMA (before receipt) or pays the return (after it); decline refuses it.
+        reason: Why, from the list: expiry_checked (the lot's date, P4 R2), damage_confirmed (R12), not_eligible,
+            customer_withdrew (both decline only), other (say why in the note).
         by: The operator's name.
+        note: Anything the audit log (and, on a decline, the customer) should read; required for other.
     """
-    return stages.after_review(TASKS, rma, authorize, note, Actor.operator(by)).to_json()
+    return stages.after_review(TASKS, rma, decision is Decision.AUTHORIZE, review_note(decision, reason, note),
+                               Actor.operator(by)).to_json()
 
 
 @flow(name="cancel-return", flow_run_name="cancel-{rma}", **FLOW_OPTIONS)

@@ -31,14 +31,18 @@ def new_rma(token: bytes | None = None) -> str:
 
 
 def parse_rma(text: object) -> str:
-    """The canonical RMA from what a person typed; InvalidInput if malformed or the check symbol is wrong."""
+    """The canonical RMA from what a person typed or a scanner sent; InvalidInput if missing, malformed or the check
+    symbol is wrong."""
     if not isinstance(text, str) or len(text) > 40:
-        raise InvalidInput("an RMA number looks like RMA-7K2QMXP")
-    cleaned = re.sub(r"[\s-]", "", text.upper()).translate(_CONFUSABLE)
+        raise InvalidInput("not one of our RMA numbers: an RMA number looks like RMA-7K2QMXP")
+    # A scanner set to transmit Code 39's start/stop characters sends the label's barcode as *RMA-7K2QMXP*.
+    cleaned = re.sub(r"[\s-]", "", text.upper()).strip("*").translate(_CONFUSABLE)
+    if not cleaned:
+        raise InvalidInput("no RMA number: scan the barcode on the label, or type the RMA-... written on the box")
     if cleaned.startswith("RMA"):
         cleaned = cleaned[3:]
     if len(cleaned) != _BODY + 1 or any(ch not in ALPHABET for ch in cleaned):
-        raise InvalidInput("an RMA number looks like RMA-7K2QMXP")
+        raise InvalidInput("not one of our RMA numbers: an RMA number looks like RMA-7K2QMXP")
     body, check = cleaned[:_BODY], cleaned[_BODY]
     if _check_symbol(body) != check:
         raise InvalidInput("that RMA number is not valid (check character mismatch): please re-type it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import date
 from typing import Annotated, Literal, TypeVar
 
@@ -19,7 +20,7 @@ from pydantic import (
 )
 
 from models.errors import InvalidInput
-from models.policy import Reason, Resolution
+from models.policy import Reason, ReceivedCounts, Resolution
 
 # Printable text only: no control characters (they end up in PDFs, emails and logs), C1 and Unicode line breaks
 # included, nor the bidirectional overrides that make a name display as something else.
@@ -132,20 +133,55 @@ class ReturnRequestIn(Strict):
 
 
 class ReceiptLineIn(Strict):
+    """One SKU's exceptions at the dock; the rest of the SKU's units on the RMA arrived unopened. `unopened`, when
+    given, must be exactly that rest: a cross-check for a dock that counted every unit."""
+
     sku: Key
-    unopened: Count = 0
     opened: Count = 0
     damaged: Count = 0
     missing: Count = 0
+    unopened: Count | None = None
+
+
+OperatorName = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._ -]+$")]
 
 
 class ReceiptIn(Strict):
-    """What the dock at Lantana records for a parcel (also the receipt deployment's parameter schema)."""
+    """What the dock at Lantana records for a parcel: with no lines, every unit on the RMA arrived unopened."""
 
     rma: Annotated[str, StringConstraints(min_length=1, max_length=40)]
     received_at: AwareDatetime
-    lines: Annotated[list[ReceiptLineIn], Field(min_length=1, max_length=50)]
-    by: Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._ -]+$")] = "dock"
+    lines: Annotated[list[ReceiptLineIn], Field(max_length=50)] = []
+    by: OperatorName = "dock"
+
+    def counts(self, on_rma: Mapping[str, int]) -> dict[str, ReceivedCounts]:
+        """Each SKU's condition counts, given the units per SKU on the RMA; InvalidInput (naming the SKU) for a SKU
+        not on the RMA, one listed twice, or counts that do not fit the units on the RMA."""
+        given: dict[str, ReceiptLineIn] = {}
+        for line in self.lines:
+            if line.sku not in on_rma:
+                raise InvalidInput(f"sku {line.sku} is not on {self.rma}")
+            if line.sku in given:
+                raise InvalidInput(f"sku {line.sku} is counted twice")
+            given[line.sku] = line
+        out: dict[str, ReceivedCounts] = {}
+        for sku, units in on_rma.items():
+            line = given.get(sku) or ReceiptLineIn(sku=sku)
+            exceptions = line.opened + line.damaged + line.missing
+            if line.unopened is not None and line.unopened + exceptions != units:
+                raise InvalidInput(f"sku {sku}: {line.unopened + exceptions} units counted, {units} on the RMA")
+            if exceptions > units:
+                raise InvalidInput(f"sku {sku}: {exceptions} units opened, damaged or missing, {units} on the RMA")
+            out[sku] = ReceivedCounts(units - exceptions, line.opened, line.damaged, line.missing)
+        return out
+
+
+class ParcelIn(Strict):
+    """One parcel of a dock session: the RMA as scanned (checked per parcel, so one bad label refuses only its own
+    parcel) and its exceptions."""
+
+    rma: Annotated[str, StringConstraints(max_length=200)]
+    lines: Annotated[list[ReceiptLineIn], Field(max_length=50)] = []
 
 
 def explain(exc: ValidationError) -> str:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
+from jinja2 import TemplateError
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
-from adapters.config import Settings
+from adapters.config import Settings, Shop
+from adapters.mail.message import subject_line
 from models import policy as pol
 from models.errors import InvalidInput, NotFound, StaleState
 from models.money import from_cents, parse_amount, to_cents
-from models.notices import MessageKind
+from models.notices import CUSTOMER_KINDS, MessageKind
 from models.policy import Outcome, Policy
 from models.rma import new_rma, parse_rma
 from models.schemas import ImportIn, ReceiptIn, ReturnRequestIn
@@ -453,56 +455,65 @@ def settlement_for(session: Session, ret: Return, policy: Policy, approved: bool
     return pol.settle(policy, authorized, counts, pol.Resolution(ret.resolution), approved)
 
 
-def _same_receipt(session: Session, ret: Return, receipt: ReceiptIn) -> bool:
+def _same_receipt(ret: Return, lines: dict[str, ReturnLine], receipt: ReceiptIn) -> bool:
     """Whether this exact receipt (time and counts) is the one already recorded on the return."""
     if ret.received_at is None or ret.received_at != receipt.received_at:
         return False
-    stored = {ln.sku: (ln.received_unopened, ln.received_opened, ln.received_damaged, ln.received_missing)
-              for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED}
-    given = {rl.sku: (rl.unopened, rl.opened, rl.damaged, rl.missing) for rl in receipt.lines}
-    return stored == given
+    try:
+        given = receipt.counts({sku: ln.quantity for sku, ln in lines.items()})
+    except InvalidInput:
+        return False
+    return all((ln.received_unopened, ln.received_opened, ln.received_damaged, ln.received_missing)
+               == (c.unopened, c.opened, c.damaged, c.missing) for ln, c in ((lines[sku], given[sku]) for sku in lines))
+
+
+def _not_awaiting(ret: Return, policy: Policy) -> str:
+    """Why the dock cannot record a parcel for this return, in the words the dock needs."""
+    state = State(ret.state)
+    if ret.received_at is not None:
+        return (f"{ret.rma} was received already, on {policy.local_date(ret.received_at)} (now '{state}'), "
+                "not awaiting a parcel: a second box or a repeated scan goes to Customer Care")
+    if state is State.EXPIRED and ret.rma_expires_at is not None:
+        return (f"{ret.rma} expired on {policy.local_date(ret.rma_expires_at)} (R8), not awaiting a parcel: "
+                "hold the parcel for Customer Care")
+    return f"{ret.rma} is '{state}', not awaiting a parcel: hold it for Customer Care"
 
 
 def receive(session: Session, receipt: ReceiptIn, now: datetime, actor: Actor, policy: Policy,
             settings: Settings) -> Return:
-    """Log a parcel at Lantana with per-unit condition; starts the 10-day clock (P8, R9); may send it to review."""
+    """Log a parcel at Lantana with per-unit condition (SKUs not listed arrived unopened); starts the 10-day clock
+    (P8, R9); may send it to review."""
     ret = load_return(session, receipt.rma, for_update=True)
-    if ret.state != State.AUTHORIZED and _same_receipt(session, ret, receipt):
-        return ret  # a retried or re-triggered receipt: recorded already, nothing to do twice
+    lines = {ln.sku: ln for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED}
     if ret.state != State.AUTHORIZED:
-        raise InvalidInput(f"{ret.rma} is '{ret.state}', not awaiting a parcel")
+        if _same_receipt(ret, lines, receipt):
+            return ret  # a retried or re-triggered receipt: recorded already, nothing to do twice
+        raise InvalidInput(_not_awaiting(ret, policy))
     if receipt.received_at > now + timedelta(minutes=5):
         raise InvalidInput("received_at is in the future")
     assert ret.rma_issued_at is not None
     if receipt.received_at < ret.rma_issued_at:
         raise InvalidInput("received_at is before the RMA was issued")
-    lines = {ln.sku: ln for ln in _lines(session, ret) if ln.outcome != Outcome.DECLINED}
-    seen: set[str] = set()
-    for rl in receipt.lines:
-        line = lines.get(rl.sku)
-        if line is None:
-            raise InvalidInput(f"sku {rl.sku} is not on {ret.rma}")
-        if rl.sku in seen:
-            raise InvalidInput(f"sku {rl.sku} is counted twice")
-        seen.add(rl.sku)
-        total = rl.unopened + rl.opened + rl.damaged + rl.missing
-        if total != line.quantity:
-            raise InvalidInput(f"sku {rl.sku}: {total} units counted, {line.quantity} on the RMA")
-        line.received_unopened, line.received_opened = rl.unopened, rl.opened
-        line.received_damaged, line.received_missing = rl.damaged, rl.missing
-    if seen != set(lines):
-        raise InvalidInput(f"receipt has no counts for sku(s) {', '.join(sorted(set(lines) - seen))}")
+    if ret.rma_expires_at is not None and receipt.received_at >= ret.rma_expires_at:
+        # R8: the RMA lapsed before the parcel came; the sweep has not marked it expired yet.
+        raise InvalidInput(f"{ret.rma} expired on {policy.local_date(ret.rma_expires_at)} (R8), before this parcel "
+                           "arrived: hold the parcel for Customer Care")
+    counts = receipt.counts({sku: ln.quantity for sku, ln in lines.items()})
+    for sku, c in counts.items():
+        line = lines[sku]
+        line.received_unopened, line.received_opened = c.unopened, c.opened
+        line.received_damaged, line.received_missing = c.damaged, c.missing
     session.flush()
     deadline = policy.processing_deadline(receipt.received_at)
     transition(session, ret, State.RECEIVED, now, actor,
-               {"counts": {rl.sku: rl.model_dump(exclude={"sku"}) for rl in receipt.lines}},
+               {"counts": {sku: asdict(c) for sku, c in counts.items()}},
                received_at=receipt.received_at, deadline_at=deadline)
     names = _names(session, set(lines))
     _email(session, ret, "received", {
         "received_on": policy.local_date(receipt.received_at).isoformat(),
         "process_by": policy.local_date(deadline).isoformat(),
-        "lines": [{"sku": rl.sku, "name": names[rl.sku], "unopened": rl.unopened, "opened": rl.opened,
-                   "damaged": rl.damaged, "missing": rl.missing} for rl in receipt.lines],
+        "lines": [{"sku": sku, "name": names[sku], "unopened": c.unopened, "opened": c.opened,
+                   "damaged": c.damaged, "missing": c.missing} for sku, c in counts.items()],
     }, now, settings)
     settlement = settlement_for(session, ret, policy)
     if settlement.review:
@@ -748,8 +759,17 @@ def escalate(session: Session, rma: str, flag: pol.Flag, as_of: datetime, now: d
 # ---- reads -----------------------------------------------------------------------------------------------
 
 
-def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict[str, Any]:
-    """Everything an operator needs about one return: state, timeline, lines, money, deadline, emails."""
+def _subject(message: OutboxMessage, shop: Shop) -> str | None:
+    """The subject the customer sees for this message; None if its context no longer renders."""
+    try:
+        return subject_line(message.kind, message.context, shop)
+    except (TemplateError, KeyError, ValueError, TypeError, ArithmeticError):
+        return None
+
+
+def show(session: Session, rma_text: str, now: datetime, policy: Policy, shop: Shop | None = None) -> dict[str, Any]:
+    """Everything an operator needs about one return: state, timeline, lines, money, deadline, emails (with the
+    subject each one has when `shop` is given)."""
     ret = load_return(session, rma_text)
     lines = _lines(session, ret)
     timeline = session.scalars(select(Transition).where(col(Transition.return_id) == ret.id)
@@ -792,7 +812,9 @@ def show(session: Session, rma_text: str, now: datetime, policy: Policy) -> dict
         "payments_refunded": payments,
         "timeline": [{"at": t.at.isoformat(), "from": t.from_state, "to": t.to_state, "actor": t.actor,
                       "flow_run_id": t.flow_run_id} for t in timeline],
-        "emails": [{"kind": m.kind, "status": m.status, "attempts": m.attempts} for m in mail],
+        "emails": [{"kind": m.kind, "status": m.status, "attempts": m.attempts, "sent_at": iso(m.sent_at),
+                    "to_customer": m.kind in CUSTOMER_KINDS}
+                   | ({"subject": _subject(m, shop)} if shop is not None else {}) for m in mail],
     }
 
 

@@ -341,9 +341,11 @@ class Pipeline:
             return ret.id
 
     def show(self, rma: str, now: datetime) -> dict[str, Any]:
-        """Everything an operator needs about one return, as JSON (the read model of the edges)."""
+        """Everything an operator needs about one return, as JSON (the read model of the edges), with its emails'
+        subjects and the shopper's status page (the link its emails carry)."""
         with unit_of_work(self.engine) as session:
-            return svc.show(session, rma, now, self.policy)
+            shown = svc.show(session, rma, now, self.policy, self.settings.shop)
+        return shown | {"status_page": f"{self.settings.shop.returns_page_url}/rma/{shown['rma_number']}"}
 
     def outcome(self, rma: str) -> Moved | Completed:
         """Where a return stands, read back from the database (what a stage run through Prefect left)."""

@@ -28,7 +28,8 @@ def _cell(value: object) -> str:
 
 
 def return_markdown(shown: dict[str, Any]) -> str:
-    """The return's page: state, money, deadline, the clauses cited, each line and the timeline (ids only)."""
+    """The return's page: state, money, deadline, the clauses cited, each line, the timeline (ids only) and what the
+    customer was told (email subjects and times, the status page)."""
     out = [
         f"# {shown['rma_number']} - {shown['state']}",
         "",
@@ -57,7 +58,18 @@ def return_markdown(shown: dict[str, Any]) -> str:
     for t in shown["timeline"]:
         out.append(f"| {t['at'][:19]} | {_cell(t['from'])} | {t['to']} | {t['actor']} | {_cell(t['flow_run_id'])} |")
     out += ["", "Emails: " + (", ".join(f"{m['kind']} ({m['status']})" for m in shown["emails"]) or "none")]
+    out += ["", "## What the customer was told", ""] + _told(shown)
     return "\n".join(out)
+
+
+def _told(shown: dict[str, Any]) -> list[str]:
+    """The customer's emails by subject and time sent (pending and failed ones say so), and their status page."""
+    told = [m for m in shown["emails"] if m.get("to_customer")]
+    out = ["| sent (UTC) | subject |", "|---|---|"] if told else ["No email to the customer yet."]
+    for m in told:
+        when = m["sent_at"][:19] if m.get("sent_at") else f"not sent ({m['status']}, {m['attempts']} attempts)"
+        out.append(f"| {when} | {_cell(m.get('subject') or m['kind'])} |")
+    return out + ["", f"Shopper's status page (the link in their emails): {shown['status_page']}"]
 
 
 def publish_return(pipeline: Pipeline, rma: str, flow_run_id: str | None = None) -> None:

@@ -197,7 +197,7 @@ def test_review_authorize_before_receipt_issues_the_rma(tmp_path: Path) -> None:
     p, made = seed(tmp_path, "IS-1006")
     p.engine.dispose()
     rma = made["IS-1006"]
-    out = ok(cli(tmp_path, "review", rma, "--authorize", "--note", "x", "--by", "alice"))
+    out = ok(cli(tmp_path, "review", rma, "--authorize", "--reason", "other", "--note", "x", "--by", "alice"))
     assert out["rma_number"] == rma and out["state"] == "authorized"
     assert (tmp_path / "labels" / f"{rma}.pdf").exists()
 
@@ -209,8 +209,8 @@ def test_review_authorize_after_receipt_completes_the_return(tmp_path: Path) -> 
     helpers.receive(p, parse(ReceiptIn, {"rma": rma, "received_at": LATER.isoformat(), "lines": [
         {"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}]}))
     p.engine.dispose()
-    out = ok(cli(tmp_path, "review", rma, "--authorize", "--note", "courier damage", "--by", "alice",
-                 now=(LATER + timedelta(hours=1)).isoformat()))
+    out = ok(cli(tmp_path, "review", rma, "--authorize", "--reason", "damage_confirmed", "--note", "courier damage",
+                 "--by", "alice", now=(LATER + timedelta(hours=1)).isoformat()))
     assert out["state"] == "completed"
     assert out["refund_total"] == "132.68"
 
@@ -305,9 +305,11 @@ BAD_COMMANDS = [
     pytest.param(lambda r: (["show", r["IS-1001"]], None, "2026-11-20T10:00:00"), "UTC offset", id="now-naive"),
     pytest.param(lambda r: (["sweep", "--as-of", "2026-12-20"], None, None), "UTC offset", id="as-of-naive"),
     pytest.param(lambda r: (["process", r["IS-1001"]], None, None), "not waiting", id="process-not-received"),
-    pytest.param(lambda r: (["review", r["IS-1001"], "--authorize", "--note", "x", "--by", "alice"], None, None),
+    pytest.param(lambda r: (["review", r["IS-1001"], "--authorize", "--reason", "other", "--note", "x", "--by",
+                             "alice"], None, None),
                  "not in review", id="review-not-in-review"),
-    pytest.param(lambda r: (["review", r["IS-1006"], "--authorize", "--note", "x", "--by", "alice\u001b"], None, None),
+    pytest.param(lambda r: (["review", r["IS-1006"], "--authorize", "--reason", "other", "--note", "x", "--by",
+                             "alice\u001b"], None, None),
                  "--by", id="review-control-char-operator"),
     pytest.param(lambda r: (["cancel", r["IS-1001"], "--note", "bye\u0007", "--by", "bob"], None, None), "--note",
                  id="cancel-control-char-note"),
@@ -336,7 +338,7 @@ def test_bad_command_fails_cleanly_and_writes_nothing(
     (("request", "-"), "{not json"),
     (("receive", "-"), '{"rma": "RMA-1", "received_at": "2026-11-24T11:00:00", "lines": []}'),
     (("show", "RMA-../../x"), None),
-    (("review", "RMA-7K2QMXP", "--authorize", "--note", "ok", "--by", "a\x01b"), None),
+    (("review", "RMA-7K2QMXP", "--authorize", "--reason", "other", "--note", "ok", "--by", "a\x01b"), None),
 ])
 def test_a_refused_command_on_a_fresh_home_creates_nothing(tmp_path: Path, args: tuple[str, ...],
                                                            stdin: str | None) -> None:

@@ -86,7 +86,8 @@ def test_review_cancel_sweep_and_relay_run_through_prefect(shop: tuple[Shop, dic
     s, env = shop
     review = ok(cli(env, "request", "-", stdin=json.dumps(REQUESTS["IS-1006"] | {"idempotency_key": "shell-1006"})))
     assert review["state"] == "review"
-    settled = ok(cli(env, "review", review["rma_number"], "--authorize", "--note", "lot checked", "--by", "alice"))
+    settled = ok(cli(env, "review", review["rma_number"], "--authorize", "--reason", "expiry_checked", "--note",
+                     "lot checked", "--by", "alice"))
     assert (settled["rma_number"], settled["state"]) == (review["rma_number"], "authorized")
     assert runs_of(s, "review")[-1]["name"] == f"review-{review['rma_number']}"
     cancelled = ok(cli(env, "cancel", review["rma_number"], "--note", "withdrawn", "--by", "alice"))

@@ -379,7 +379,8 @@ def test_the_sweep_escalates_a_return_in_review_once_due_soon_and_once_overdue(s
 
 def test_a_review_before_receipt_authorized_issues_the_rma_and_label(shop: Pipeline) -> None:
     rma = run(f.request_return, **request("IS-1006"))[0].result()["rma_number"]
-    state, run_id = run(f.settle_review, rma=rma, authorize=True, note="lot expiry checked", by="alice")
+    state, run_id = run(f.settle_review, rma=rma, decision="authorize", reason="expiry_checked", note="lot checked",
+                        by="alice")
     assert state.result() == {"rma_number": rma, "state": "authorized", "deadline": None}
     assert flow_run(run_id).name == f"review-{rma}"
     assert label_path(shop.settings.label_dir, rma).exists()
@@ -391,8 +392,8 @@ def test_a_review_before_receipt_authorized_issues_the_rma_and_label(shop: Pipel
 
 def test_a_review_before_receipt_declined_sends_the_declined_email(shop: Pipeline) -> None:
     rma = run(f.request_return, **request("IS-1006"))[0].result()["rma_number"]
-    assert run(f.settle_review, rma=rma, authorize=False, note="lot expired", by="alice")[0].result()["state"] == \
-        "declined"
+    declined = run(f.settle_review, rma=rma, decision="decline", reason="not_eligible", note="lot expired", by="alice")
+    assert declined[0].result()["state"] == "declined"
     assert not label_path(shop.settings.label_dir, rma).exists()
     assert [k for k, *_ in outbox(shop, rma)] == ["review_needed", "declined"]
     assert events_about(rma, {"returns.declined"})
@@ -401,7 +402,8 @@ def test_a_review_before_receipt_declined_sends_the_declined_email(shop: Pipelin
 def test_a_review_after_receipt_authorized_pays_the_damaged_unit_too(shop: Pipeline) -> None:
     rma = run(f.request_return, **request("IS-1011"))[0].result()["rma_number"]
     receive(rma, [{"sku": "AG-RET-SRM", "damaged": 1}, {"sku": "IL-FIRM-MASK", "unopened": 1}])
-    state, run_id = run(f.settle_review, rma=rma, authorize=True, note="carrier damage", by="alice")
+    state, run_id = run(f.settle_review, rma=rma, decision="authorize", reason="damage_confirmed",
+                        note="carrier damage", by="alice")
     out = state.result()
     assert (out["state"], out["refund_total"]) == ("completed", "132.68")
     assert count(shop, GatewaySettlement) == 1 and count(shop, Refund) == 1
@@ -414,7 +416,7 @@ def test_a_review_after_receipt_authorized_pays_the_damaged_unit_too(shop: Pipel
 def test_settling_a_return_that_is_not_in_review_fails_and_changes_nothing(shop: Pipeline) -> None:
     rma = run(f.request_return, **request("IS-1001"))[0].result()["rma_number"]
     before = row_counts(shop)
-    state, run_id = run(f.settle_review, rma=rma, authorize=True, note="twice", by="alice")
+    state, run_id = run(f.settle_review, rma=rma, decision="authorize", reason="other", note="twice", by="alice")
     assert state.is_failed() and "not in review" in state.message
     assert task_runs(run_id)["settle-review"].run_count == 1
     assert row_counts(shop) == before
@@ -428,7 +430,7 @@ def test_every_audit_row_carries_the_flow_run_that_made_it(shop: Pipeline, stage
         state, run_id = receive(rma, [{"sku": "VC-SERUM-30", "unopened": 1}])
         row = audit(shop, rma)[2]  # authorized -> received
     elif stage == "review":
-        state, run_id = run(f.settle_review, rma=rma, authorize=True, note="checked", by="alice")
+        state, run_id = run(f.settle_review, rma=rma, decision="authorize", reason="other", note="checked", by="alice")
         row = audit(shop, rma)[-1]
     elif stage == "cancel":
         state, run_id = run(f.cancel_return, rma=rma, note="withdrawn", by="alice")

@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from contextlib import ExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -231,8 +231,9 @@ class PipelineMachine(RuleBasedStateMachine):
         if not rmas:
             return
         rma = data.draw(st.sampled_from(rmas))
+        shown = self.p.show(rma, self.now)
         lines = []
-        for ln in self.p.show(rma, self.now)["lines"]:
+        for ln in shown["lines"]:
             if ln["decision"] == "declined":
                 continue
             q = ln["quantity"]
@@ -241,8 +242,17 @@ class PipelineMachine(RuleBasedStateMachine):
             damaged = data.draw(st.integers(0, q - unopened - opened))
             lines.append({"sku": ln["sku"], "unopened": unopened, "opened": opened, "damaged": damaged,
                           "missing": q - unopened - opened - damaged})
-        out = receive(self.p, parse(ReceiptIn, {"rma": rma, "received_at": self.now.isoformat(), "lines": lines,
-                                               "by": "dock"}), self.now)
+        receipt = parse(ReceiptIn, {"rma": rma, "received_at": self.now.isoformat(), "lines": lines, "by": "dock"})
+        if self.now >= datetime.fromisoformat(shown["rma_valid_until"]):  # lapsed, not swept yet: R8 refuses it
+            before = self.n_returns(), self.p.show(rma, self.now)["timeline"]
+            try:
+                receive(self.p, receipt, self.now)
+            except InvalidInput as exc:
+                assert "expired" in str(exc)
+                assert (self.n_returns(), self.p.show(rma, self.now)["timeline"]) == before
+                return
+            raise AssertionError(f"a parcel after {rma}'s validity was recorded")
+        out = receive(self.p, receipt, self.now)
         assert out.state in ("received", "review")
 
     @precondition(lambda self: bool(self.rmas_in(State.RECEIVED, State.PROCESSING)))

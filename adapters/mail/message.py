@@ -81,6 +81,11 @@ def _label(home: Path, label_file: object) -> tuple[bytes, str]:
     return data, header_text(path.name, 80)
 
 
+def subject_line(kind: str, context: dict[str, object], shop: Shop) -> str:
+    """The Subject header an outbox row's message has (or will have); TemplateError if the context lacks a field."""
+    return header_text(ENV.get_template(f"{kind}.subject.j2").render({**context, "shop": shop, "kind": kind}))
+
+
 def render(
     kind: str,
     context: dict[str, object],
@@ -101,8 +106,7 @@ def render(
         raise RenderError("message_id is not of the form <id@domain>")
     values: dict[str, object] = {**context, "shop": shop, "kind": kind}
     try:
-        subject = header_text(ENV.get_template(f"{kind}.subject.j2").render(values))
-        values["subject"] = subject
+        subject = values["subject"] = subject_line(kind, context, shop)
         text = ENV.get_template(f"{kind}.txt.j2").render(values)
         html = ENV.get_template(f"{kind}.html.j2").render(values)
     except TemplateError as exc:  # UndefinedError, TemplateNotFound, syntax errors
