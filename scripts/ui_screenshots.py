@@ -35,7 +35,14 @@ def run_and_wait(api: httpx.Client, name: str, parameters: dict[str, Any], timeo
     found = deployment(api, name)
     if found is None:
         raise SystemExit(f"no deployment {name}: is `returns demo` serving this UI?")
-    run = api.post(f"/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}).json()
+    for _ in range(10):  # a busy SQLite server answers 503 (database locked): ask again
+        r = api.post(f"/deployments/{found['id']}/create_flow_run", json={"parameters": parameters})
+        if r.status_code != 503:
+            break
+        time.sleep(2)
+    if r.status_code >= 300:
+        raise SystemExit(f"{name}: the Prefect API answered {r.status_code}: {r.text[:300]}")
+    run = r.json()
     deadline = time.monotonic() + timeout
     while (state := api.get(f"/flow_runs/{run['id']}").json()["state"]["type"]) not in ("COMPLETED", "FAILED",
                                                                                         "CRASHED", "CANCELLED"):
@@ -63,9 +70,11 @@ def main() -> int:
         if found := deployment(api, name):
             pages[shot] = f"/deployments/deployment/{found['id']}/run"
     for shot, key in ARTIFACTS.items():
-        r = api.get(f"/artifacts/{key}/latest")
-        if r.status_code == 200:
-            pages[shot] = f"/artifacts/artifact/{r.json()['id']}"
+        # /artifacts/{key}/latest answers the key's collection, whose id is not an artifact page: ask for the newest.
+        found = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC",
+                                                   "limit": 1}).json()
+        if found:
+            pages[shot] = f"/artifacts/artifact/{found[0]['id']}"
     args.out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -74,7 +83,9 @@ def main() -> int:
             for shot, path in pages.items():
                 page.goto(args.ui + path)
                 page.wait_for_load_state("networkidle")
-                page.wait_for_timeout(1500)  # the single-page app renders after its API calls
+                if "/artifacts/" in path:  # every desk artifact has a table; the app renders it after its API calls
+                    page.locator("table").first.wait_for(timeout=30_000)
+                page.wait_for_timeout(1500)
                 page.screenshot(path=str(args.out / f"ui-{shot}.png"), full_page=True)
                 sys.stdout.write(f"ui-{shot}.png  {path}\n")
         finally:
