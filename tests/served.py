@@ -96,10 +96,13 @@ class Shop:
         assert r.status_code == 200, r.text
         return dict(r.json())
 
-    def create(self, name: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> httpx.Response:
+    def create(self, name: str, parameters: dict[str, Any], idempotency_key: str | None = None,
+               start: str | None = None) -> httpx.Response:
         body: dict[str, Any] = {"parameters": parameters}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
+        if start:  # scheduled for then: no worker takes it before
+            body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": start}}
         return self.call("POST", f"/deployments/{self.deployment(name)['id']}/create_flow_run", json=body)
 
     def request(self, order: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -125,23 +125,37 @@ def test_an_overdue_event_escalates_once_even_when_it_arrives_twice(served: tupl
 def test_a_failed_stage_run_escalates_its_return_once(served: tuple[dict[str, str], Shop]) -> None:
     _, shop = served
     rma = authorized(shop, "IS-1002")
-    # A review of a return that is not in review fails (one-line reason): the stage run ends Failed.
-    created = shop.create("settle-review/operator", {"rma": rma, "authorize": True, "note": "ok", "by": "dana"})
+    # A review of a return that is not in review is refused (one line, nothing changes): the run ends Failed, the
+    # automation runs the escalation, which sees a refusal, not a failure, and records nothing.
+    created = shop.create("settle-review/operator", {"rma": rma, "decision": "authorize", "reason": "other",
+                                                     "note": "ok", "by": "dana"})
     assert created.status_code == 201, created.text
-    failed = shop.wait(created.json()["id"])
-    assert failed["state"]["type"] == "FAILED", failed["state"]
+    refused = shop.wait(created.json()["id"])
+    assert refused["state"]["type"] == "FAILED" and "InvalidInput:" in refused["state"]["message"]
     (run,) = escalation_runs(shop, rma, at_least=1)
-    assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert run["parameters"] == {"rma": rma, "cause": "prefect.flow-run.Failed", "failed_run": failed["id"]}
-    (row,) = escalations(shop, rma)
-    assert (row.cause, row.source) == ("prefect.flow-run.Failed", failed["id"])
-    (mail,) = care_emails(shop, rma)
-    assert mail.status == "sent" and mail.context["flow_run_id"] == failed["id"]
+    assert run["state"]["type"] == "COMPLETED" and run["parameters"]["failed_run"] == refused["id"], run["state"]
+    assert escalations(shop, rma) == [] and care_emails(shop, rma) == []
 
-    # The same return failing again (another run, another event) is escalated already: nothing new.
-    again = shop.wait(shop.create("settle-review/operator",
-                                  {"rma": rma, "authorize": False, "note": "no", "by": "dana"}).json()["id"])
-    assert again["state"]["type"] == "FAILED", again["state"]
+    # A stage run that failed for real (its retries spent on a database that was down): escalated, once.
+    def fail_for_real(note: str) -> str:
+        later = (datetime.now(UTC) + timedelta(days=30)).isoformat()  # the worker leaves it alone meanwhile
+        run_id = shop.create("settle-review/operator", {"rma": rma, "decision": "decline", "reason": "other",
+                                                        "note": note, "by": "dana"}, start=later).json()["id"]
+        r = shop.call("POST", f"/flow_runs/{run_id}/set_state", json={"force": True, "state": {
+            "type": "FAILED", "message": "Flow run encountered an exception: TransientError: the returns database "
+                                         "is unavailable"}})
+        assert r.status_code in (200, 201), r.text
+        return str(run_id)
+
+    failed = fail_for_real("first")
     runs = escalation_runs(shop, rma, at_least=2)
     assert [r["state"]["type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    (row,) = escalations(shop, rma)
+    assert (row.cause, row.source) == ("prefect.flow-run.Failed", failed)
+    (mail,) = care_emails(shop, rma)
+    assert mail.status == "sent" and mail.context["flow_run_id"] == failed
+
+    # The same return failing again (another run, another event) is escalated already: nothing new.
+    fail_for_real("again")
+    escalation_runs(shop, rma, at_least=3)
     assert len(escalations(shop, rma)) == 1 and len(care_emails(shop, rma)) == 1
