@@ -89,7 +89,7 @@ def receipt_of(rma: str, lines: list[Any], received_at: datetime | None, by: str
         raise InvalidInput(f"invalid receipt: {explain(exc)}") from None
 
 
-@flow(name="dock-session", flow_run_name="dock-session-{by}", **FLOW_OPTIONS)
+@flow(name="dock-session", flow_run_name="dock-session", **FLOW_OPTIONS)
 def dock_session(parcels: list[ParcelIn], by: str = "dock", received_at: AwareDatetime | None = None) -> dict[str, Any]:
     """Many parcels at once, each recorded in its own transaction: one bad label refuses only its own parcel.
 

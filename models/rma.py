@@ -38,7 +38,8 @@ def parse_rma(text: object) -> str:
     # A scanner set to transmit Code 39's start/stop characters sends the label's barcode as *RMA-7K2QMXP*.
     cleaned = re.sub(r"[\s-]", "", text.upper()).strip("*").translate(_CONFUSABLE)
     if not cleaned:
-        raise InvalidInput("no RMA number: scan the barcode on the label, or type the RMA-... written on the box")
+        raise InvalidInput("no RMA number: scan the barcode on the label, or type what is written on the box (an RMA "
+                           "number looks like RMA-7K2QMXP)")
     if cleaned.startswith("RMA"):
         cleaned = cleaned[3:]
     if len(cleaned) != _BODY + 1 or any(ch not in ALPHABET for ch in cleaned):

@@ -125,7 +125,7 @@ def mail_files(p: Pipeline) -> list[Path]:
     return sorted(p.settings.mail_dir.glob("*.eml"))
 
 
-def eventually(probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+def eventually(probe: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
     """Poll until `probe()` is truthy: task run states and events reach the API through background workers."""
     from prefect.events.worker import EventsWorker
 
