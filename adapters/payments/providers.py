@@ -126,13 +126,17 @@ class Providers:
     def webhook_secret(self, provider: str) -> str | None:
         """What checks `provider`'s webhook calls (Stripe's signing secret, PayPal's webhook id); None: not set up."""
         variable = WEBHOOK_SECRETS.get(provider)
-        return (self._env.get(variable) or self._secrets(block_name(variable)) or None) if variable else None
+        return self._lookup(variable) if variable else None
 
     def _setting(self, variable: str) -> str | None:
         return self._env.get(variable) or None
 
+    def _lookup(self, variable: str) -> str | None:
+        """The environment's value, else the Prefect Secret block's; None when neither has one."""
+        return self._env.get(variable) or self._secrets(block_name(variable)) or None
+
     def _credential(self, variable: str) -> str:
-        value = self._env.get(variable) or self._secrets(block_name(variable))
+        value = self._lookup(variable)
         if not value:
             raise ProviderMisconfigured(f"set {variable} or the Prefect Secret block '{block_name(variable)}'")
         return value
