@@ -120,3 +120,23 @@ def _write_tallies() -> Iterator[None]:
         Path(out).mkdir(parents=True, exist_ok=True)
         for suite, counts in TALLIES.items():
             (Path(out) / f"{suite}.json").write_text(json.dumps(dict(sorted(counts.items())), indent=1), "utf-8")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """The session's one temporary Prefect API (~9 s to start); heartbeats off so a flow costs ~0.1 s, and the
+    server stores events every 0.2 s instead of 5 s, so a test sees a return's events without a long wait."""
+    # It lives here, not in a test module: a fixture imported into another module is a second definition with its
+    # own session cache, so each importer started its own harness. Prefect's events worker is one per process
+    # whatever the API URL, so a later harness's task-run events went to an earlier one's server and were lost.
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The harness passes the current settings to the server it starts: set the flush interval first.
+    with temporary_settings({PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL: 0.2}), prefect_test_harness(), \
+            temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

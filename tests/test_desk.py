@@ -20,7 +20,7 @@ from service.steps import Pipeline
 from service.whatif import what_if
 from tests import desk_history
 from tests.helpers import LATER, row_counts
-from tests.test_flows import artifact, prefect_harness  # noqa: F401  (the session's harness fixture)
+from tests.test_flows import artifact
 
 pytestmark = pytest.mark.prefect
 

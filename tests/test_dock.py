@@ -13,7 +13,7 @@ from flows import returns as f
 from models.rma import new_rma
 from service.steps import Pipeline
 from tests.helpers import row_counts
-from tests.test_flows import prefect_harness, request, run, shop  # noqa: F401  (fixtures)
+from tests.test_flows import request, run, shop  # noqa: F401  (the shop fixture)
 
 pytestmark = pytest.mark.prefect
 

@@ -42,26 +42,6 @@ REQUESTS: dict[str, dict[str, Any]] = {
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-# ---- Prefect: one harness per session, heartbeats off ----------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API for the whole session (~9 s to start); heartbeats off so a flow costs ~0.1 s, and the
-    server stores events every 0.2 s instead of 5 s, so a test sees a return's events without a long wait."""
-    from prefect.settings import (
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    # The harness passes the current settings to the server it starts: set the flush interval first.
-    with temporary_settings({PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL: 0.2}), prefect_test_harness(), \
-            temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
-
-
 def _clear_caches() -> None:
     adapters.config.settings.cache_clear()
     tr.pipeline.cache_clear()

@@ -18,17 +18,8 @@ from tests.test_payments_pipeline import Shop, ask_and_receive, buy, payment
 pytestmark = pytest.mark.prefect
 
 
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
-
-
 @pytest.fixture
-def shop(harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
+def shop(prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
     stripe = FakeStripe()
     with serve(stripe) as url:
         base = make_pipeline(tmp_path / "home", f"sqlite:///{tmp_path / 'returns.db'}")
