@@ -4,7 +4,9 @@ In one run, against one local Prefect server and the worker (entrypoints.orchest
 number of concurrent storefront clients, p50/p95 of:
 
   quote         POST /v1/quotes (the decision; nothing written, no Prefect)
-  api request   POST /v1/returns to its 201 with the label written (a run of request-return/storefront)
+  api request   POST /v1/returns to its 201 with the label written (a run of request-return/storefront that
+                the API claims and runs on a thread of its own, as `returns serve` does)
+  api, worker   the same through an API that leaves every run to the worker (RETURNS_API_RUN_THREADS=0)
   raw request   the same request the way a storefront had to before: POST create_flow_run on Prefect's own REST
                 API, then poll the run until it completes
   floor         the request stage in-process with plain steps (no HTTP, no Prefect): the pipeline's own cost
@@ -27,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.measure import PG_URL, free_port, recreate_prefect_db, summary
+from bench.measure import PG_DB, PG_URL, Monitor, free_port, pg_backend_pids, recreate_prefect_db, session_pids, summary
 from bench.pipeline import RESULTS
 from bench.report import code_version, machine
 from bench.workload import request_params, synthetic_catalog
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=16, help="requests per client count and path (at least 4 x clients)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--quotes", type=int, default=50, help="quotes per client count")
+    ap.add_argument("--run-threads", type=int, default=4,
+                    help="request runs the API runs itself (RETURNS_API_RUN_THREADS)")
     ap.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite",
                     help="the local Prefect server's database (postgres: a fresh database on 127.0.0.1:5432)")
     args = ap.parse_args(argv)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.steps import Pipeline
 
     per = {c: max(args.n, 4 * c) for c in args.clients}
-    total = sum(per.values()) * 3 + 1  # api, raw and floor each use their own orders; one warms up
+    total = sum(per.values()) * 4 + 2  # each path uses its own orders; two warm up
     pipeline = Pipeline.from_env()
     upgrade(pipeline.settings.database_url)
     pipeline.import_data(parse(ImportIn, synthetic_catalog(total, utcnow())))
@@ -96,37 +100,79 @@ def main(argv: list[str] | None = None) -> int:
     config = ApiConfig(secret=b"bench", key_rate=1e6, address_rate=1e6, wait_seconds=30)
     phases: dict[str, list[float]] = {}
     with orchestrated(base / "prefect") as driver:
-        submitter = ThroughPrefect.over(driver.api, pipeline)
+        submitter = ThroughPrefect.over(driver.api, pipeline, threads=args.run_threads)
+        via_worker = ThroughPrefect.over(driver.api, pipeline, threads=0)
         # Where an API request's time goes: the R13 check and store, the run's creation, the waiting.
         clock(pipeline, "accept", phases)
         clock(submitter.api, "create_run", phases)
         clock(submitter, "submit", phases)
         clock(pipeline, "decided_request", phases)
-        with api_thread(create_app(pipeline, submitter, config), "127.0.0.1", free_port()) as url:
-            run_levels(args, per, driver, pipeline, url, orders, tag, rows, phases)
+        monitor = cpu_monitor(driver, args.prefect_db)
+        with api_thread(create_app(pipeline, submitter, config), "127.0.0.1", free_port()) as url, \
+                api_thread(create_app(pipeline, via_worker, config), "127.0.0.1", free_port()) as worker_url:
+            run_levels(args, per, driver, pipeline, (url, worker_url), orders, tag, rows, phases, submitter, monitor)
+        monitor.stop()
+        submitter.close()
     report(rows, args.prefect_db)
     return 0
 
 
-def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, url: str, orders: Any, tag: str,
-               rows: list[dict[str, Any]], phases: dict[str, list[float]]) -> None:
-    """Each client count: quotes, then API requests, raw Prefect requests and the floor, each on fresh orders."""
+def cpu_monitor(driver: Any, prefect_db: str) -> Monitor:
+    """CPU per process group: the Prefect server, its PostgreSQL backends, the worker, this process (the API, the
+    request runs it runs, and the storefront clients)."""
+    groups: dict[str, Any] = {"prefect server": lambda: session_pids(driver.server.pid),
+                              "worker": lambda: [driver.worker.pid], "api process": lambda: [os.getpid()]}
+    if prefect_db == "postgres":
+        groups["prefect postgres"] = lambda: pg_backend_pids(PG_DB)
+    return Monitor(groups).start()
+
+
+def settled(monitor: Monitor, before: dict[str, float], idle: float, n: int) -> dict[str, float]:
+    """CPU seconds per request of each group since `before`, once the server is back near idle (it records task
+    runs and events after the calls return), its idle rate taken off."""
+    start = time.monotonic()
+    last, at = monitor.mark(), time.monotonic()
+    while time.monotonic() - start < 30:
+        time.sleep(1.0)
+        now, t = monitor.mark(), time.monotonic()
+        if (now["prefect server"] - last["prefect server"]) / (t - at) < idle * 1.5 + 0.02:
+            break
+        last, at = now, t
+    spent = {g: now[g] - before[g] for g in now}
+    spent["prefect server"] -= idle * (time.monotonic() - start)
+    return {g: v / n for g, v in spent.items()}
+
+
+def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, urls: tuple[str, str], orders: Any,
+               tag: str, rows: list[dict[str, Any]], phases: dict[str, list[float]], submitter: Any,
+               monitor: Monitor) -> None:
+    """Each client count: quotes, then API requests (run by the API, by the worker), raw Prefect requests and the
+    floor, each on fresh orders."""
     from adapters.clock import utcnow
     from entrypoints.api.client import Storefront
     from models.schemas import ReturnRequestIn, parse
     from service import stages
     from service.stages import LocalSteps
 
-    storefront = Storefront(url, pipeline.create_api_key("bench", utcnow()), timeout=300)
-    warm = request_params(next(orders), tag)
-    storefront.request(parse(ReturnRequestIn, warm), "warm-up")  # first run imports and registers things
+    key = pipeline.create_api_key("bench", utcnow())
+    storefront, via_worker = (Storefront(url, key, timeout=300) for url in urls)
+    for client in (storefront, via_worker):  # the first run imports and registers things
+        warm = request_params(next(orders), tag)
+        client.request(parse(ReturnRequestIn, warm), warm["idempotency_key"])
     quote = parse(ReturnRequestIn, request_params(0, tag))
+    time.sleep(3)
+    m0, t0 = monitor.mark(), time.monotonic()
+    time.sleep(5)
+    idle = (monitor.mark()["prefect server"] - m0["prefect server"]) / (time.monotonic() - t0)
     for clients in args.clients:
         q = timed([lambda: storefront.quote(quote)] * args.quotes, clients)
 
-        def api_call(i: int) -> Any:
+        def api_call(i: int, client: Any = storefront) -> Any:
             params = request_params(i, tag)
-            return lambda: storefront.request(parse(ReturnRequestIn, params), params["idempotency_key"])
+            return lambda: client.request(parse(ReturnRequestIn, params), params["idempotency_key"])
+
+        def worker_call(i: int) -> Any:
+            return api_call(i, via_worker)
 
         def raw_call(i: int) -> Any:
             params = request_params(i, tag)
@@ -137,15 +183,24 @@ def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, url: 
             return lambda: stages.after_request(LocalSteps(pipeline), req)
 
         measured = {"quote": q}
-        for path, make in (("api request", api_call), ("raw request", raw_call), ("floor", floor_call)):
+        for path, make in (("api request", api_call), ("api, worker", worker_call), ("raw request", raw_call),
+                           ("floor", floor_call)):
             if path == "api request":
                 phases.clear()
+                ran = submitter.here.ran
+            before = monitor.mark()
             measured[path] = timed([make(next(orders)) for _ in range(per[clients])], clients)
+            if path != "floor":
+                cpu = settled(monitor, before, idle, per[clients])
+                rows.append({"clients": clients, "path": f"  {path}: CPU ms per request",
+                             "n": "; ".join(f"{g} {1000 * v:.0f}" for g, v in cpu.items())})
             if path == "api request":
                 rows += [{"clients": clients, "path": f"  api: {name}", "n": len(v)} | summary(v)
                          for name, v in phases.items() if name != "decided_request"]
                 rows.append({"clients": clients, "path": "  api: database polls per request",
                              "n": len(phases.get("decided_request", [])) / per[clients]})
+                rows.append({"clients": clients, "path": "  api: runs the API ran (the rest: the worker)",
+                             "n": submitter.here.ran - ran})
         for path, values in measured.items():
             rows.append({"clients": clients, "path": path, "n": len(values)} | summary(values))
         sys.stderr.write(f"[bench.api] {clients} client(s) done\n")
@@ -157,15 +212,16 @@ def report(rows: list[dict[str, Any]], prefect_db: str) -> None:
     for r in rows:
         api = by[(r["clients"], "api request")]
         if r["path"] == "api request":
+            r["api/worker p50"] = api["p50"] / by[(r["clients"], "api, worker")]["p50"]
             r["api/raw p50"] = api["p50"] / by[(r["clients"], "raw request")]["p50"]
             r["api/floor p50"] = api["p50"] / by[(r["clients"], "floor")]["p50"]
-    print("| clients | path | n | p50 ms | p95 ms | api/raw p50 | api/floor p50 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | path | n | p50 ms | p95 ms | api/worker p50 | api/raw p50 | api/floor p50 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratios = [f"{r[k]:.2f}" if k in r else "" for k in ("api/raw p50", "api/floor p50")]
+        ratios = [f"{r[k]:.2f}" if k in r else "" for k in ("api/worker p50", "api/raw p50", "api/floor p50")]
         ms = [f"{1000 * r[k]:.0f}" if r.get(k) is not None else "" for k in ("p50", "p95")]
         n = f"{r['n']:.1f}" if isinstance(r["n"], float) else r["n"]
-        print(f"| {r['clients']} | {r['path']} | {n} | {ms[0]} | {ms[1]} | {ratios[0]} | {ratios[1]} |")
+        print(f"| {r['clients']} | {r['path']} | {n} | {ms[0]} | {ms[1]} | {' | '.join(ratios)} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"api-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps({"code": code_version(), "machine": machine(), "prefect_db": prefect_db, "rows": rows},

@@ -40,6 +40,7 @@ class PrefectDriver:
     pipeline: Any
     ui_url: str
     worker: subprocess.Popen[bytes]
+    server: subprocess.Popen[bytes] | None = None  # the Prefect server started here, if one was
 
     def wait_forever(self) -> None:
         """Serve until Ctrl-C, SIGTERM or the worker's end."""
@@ -85,7 +86,7 @@ def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[Pref
                               prefect_home / "worker.log", name=name)
         deploy_all(dict(os.environ), prefect_home / "deploy.log")
         _wait_for_worker(api, worker, name, prefect_home / "worker.log")
-        yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), worker)
+        yield PrefectDriver(api, Pipeline.from_env(), api_url.removesuffix("/api"), worker, server)
     finally:
         if worker is not None:
             stop_worker(worker)

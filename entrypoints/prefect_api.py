@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -72,11 +73,16 @@ class PrefectApi:
         r.raise_for_status()
         return {str(w["name"]) for w in r.json()}
 
-    def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None) -> str:
-        """POST /deployments/{id}/create_flow_run; the same idempotency key returns the same run."""
+    def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None,
+                   start_in: float = 0.0) -> str:
+        """POST /deployments/{id}/create_flow_run, scheduled `start_in` s from now; the same key, the same run."""
         body: dict[str, Any] = {"parameters": parameters}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
+        if start_in:
+            at = datetime.now(UTC) + timedelta(seconds=start_in)
+            body["state"] = {"type": "SCHEDULED", "name": "Scheduled",
+                             "state_details": {"scheduled_time": at.isoformat()}}
         r = self._call("POST", f"/deployments/{self.deployment_id(deployment)}/create_flow_run", json=body)
         if r.status_code == 409:
             raise PermanentError(f"refused by the Prefect API: {str(r.json().get('detail', r.text))[:300]}")

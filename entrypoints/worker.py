@@ -63,6 +63,46 @@ def _module_entrypoint(entrypoint: str) -> str:
     return entrypoint
 
 
+def quiet_settings(api_url: str | None = None) -> SettingsContext:
+    """Prefect's settings as the environment now says, heartbeats off (and the API at `api_url`, when given)."""
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings
+
+    # Flow-run heartbeats cost ~1 s per run (the engine joins the heartbeat thread); the returns database, not the
+    # heartbeat, re-drives a crashed run (the sweep's lease). Read afresh, not copied from the settings of import
+    # time: the API's process sets the local server's environment after importing Prefect. Built once per process
+    # (~50 ms).
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if api_url:
+        updates[PREFECT_API_URL] = api_url
+    return SettingsContext(profile=get_settings_context().profile,
+                           settings=Settings().copy_with_update(updates=updates))
+
+
+_loading = threading.Lock()  # Prefect's import_object is not thread safe
+
+
+def import_flow(entrypoint: str) -> Flow[..., Any]:
+    """A deployment's flow from its entrypoint, imported as a module of this process."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    # A script load would execute flows/returns.py a second time, beside `flows.returns`.
+    with _loading:
+        return load_flow_from_entrypoint(_module_entrypoint(entrypoint), use_placeholder_flow=False)
+
+
+def run_on_this_thread(flow: Flow[..., Any], flow_run: FlowRun, settings: SettingsContext) -> State[Any]:
+    """Run a claimed (Pending) flow run with Prefect's engine on the calling thread; its final state."""
+    from prefect.flow_engine import run_flow
+
+    with settings.model_copy():  # one context per thread: an entered one cannot be shared
+        # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema check
+        # lets through) then fails the run with a message naming it, instead of raising before the engine has a
+        # state to record it in (a process worker's run crashes there).
+        return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,  # type: ignore[return-value]
+                        return_type="state")
+
+
 class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResult]):
     type = "returns-in-process"
     job_configuration = BaseJobConfiguration
@@ -82,26 +122,17 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         super().__init__(*args, limit=limit or DEFAULT_LIMIT, **kwargs)  # type: ignore[misc]  # *args are the name and pool
         self._infrastructure = f"{socket.gethostname()}:{os.getpid()}"
         self._flows: dict[tuple[UUID, str], Flow[..., Any]] = {}  # by deployment and its last update
-        self._loading = threading.Lock()  # Prefect's import_object is not thread safe
         self._runs: dict[UUID, str] = {}  # claimed run -> "waiting" | "running" | "cancelled"
         self._runs_lock = threading.Lock()
         self._threads: anyio.CapacityLimiter | None = None
         self._settings: SettingsContext | None = None
 
     async def setup(self) -> None:
-        from prefect.context import SettingsContext, get_settings_context
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-
         # Prefect ships run logs to its API and UI: no email addresses or phone numbers in them.
         install_redaction()
         logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_LIMIT)
-        # Flow-run heartbeats cost ~1 s per run (the engine joins the heartbeat thread); the returns database,
-        # not the heartbeat, re-drives a crashed run (the sweep's lease). Built once: a settings copy costs
-        # ~50 ms, which `temporary_settings` would pay on every run.
-        current = get_settings_context()
-        quiet = current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-        self._settings = SettingsContext(profile=current.profile, settings=quiet)
+        self._settings = quiet_settings()
         await super().setup()
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -151,34 +182,21 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
             deployment = await self.client.read_deployment(flow_run.deployment_id)
             if not deployment.entrypoint:
                 raise ValueError(f"deployment {deployment.name!r} has no entrypoint")
-            self._flows[key] = await anyio.to_thread.run_sync(self._import, deployment.entrypoint)
+            self._flows[key] = await anyio.to_thread.run_sync(import_flow, deployment.entrypoint)
         return self._flows[key]
-
-    def _import(self, entrypoint: str) -> Flow[..., Any]:
-        from prefect.flows import load_flow_from_entrypoint
-
-        with self._loading:
-            return load_flow_from_entrypoint(_module_entrypoint(entrypoint), use_placeholder_flow=False)
 
     def _execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
         """Run the flow run with Prefect's engine on this thread; its final state (None if the engine raised)."""
-        from prefect.flow_engine import run_flow
-
         with self._runs_lock:
             if self._runs.get(flow_run.id) == "cancelled":
                 return None
             self._runs[flow_run.id] = "running"
         assert self._settings is not None
         try:
-            with self._settings.model_copy():  # one context per thread: an entered one cannot be shared
-                # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's
-                # schema check lets through) then fails the run with a message naming it, instead of raising
-                # before the engine has a state to record it in (a process worker's run crashes there).
-                state = run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+            return run_on_this_thread(flow, flow_run, self._settings)
         except BaseException as exc:  # noqa: BLE001 - the engine has recorded what it could; keep serving others
             self.get_flow_run_logger(flow_run).error("flow run ended with %s", type(exc).__name__)
             return None
-        return state  # type: ignore[return-value]
 
     async def kill_infrastructure(self, infrastructure_pid: str, configuration: BaseJobConfiguration,
                                   grace_seconds: int = 30) -> None:

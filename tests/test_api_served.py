@@ -138,9 +138,19 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
     other = served.ask("IS-1001", "served-1001", reason="damaged")
     assert other.status_code == 422 and other.headers["content-type"].startswith("application/problem+json")
 
-    # the request flow ran as a run of the storefront deployment, with ids only
+    # the request flow ran as a run of the storefront deployment, with ids only, claimed and run by the API's own
+    # process (the worker's runs name the worker's host and pid), with its stages as task runs
     (run,) = [r for r in flow_runs(served) if r["parameters"].get("request_ref") == out["request"]]
     assert run["name"] == "request-IS-1001" and "email" not in run["parameters"]
+    assert run["deployment_id"] == served.prefect.deployment_id("request-return/storefront")
+    run = served.prefect.wait(run["id"], timeout=90)  # the 201 comes once the label is written, the run ends after
+    assert run["infrastructure_pid"].startswith("returns-api:"), run
+    # created scheduled past the worker's prefetch (its fallback if the API dies), started by the claim before that
+    states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+    (fallback,) = [st["state_details"]["scheduled_time"] for st in states if st["type"] == "SCHEDULED"]
+    assert datetime.fromisoformat(run["start_time"]) < datetime.fromisoformat(fallback), (run, states)
+    tasks = served.prefect._call("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert {"store-decision", "render-label", "notify"} <= {t["name"].rsplit("-", 1)[0] for t in tasks.json()}
 
     # the webhook: return.authorized, signed over the timestamp and the body
     assert "return.authorized" in receiver.wait_for({"return.authorized"})

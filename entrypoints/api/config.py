@@ -35,20 +35,26 @@ class ApiConfig:
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # signs the shop's cookies
     secure_cookies: bool = False  # set behind HTTPS (RETURNS_COOKIE_SECURE=1)
     session_minutes: int = 30
+    run_threads: int = 4  # request runs the API claims and runs itself; beyond them (or at 0) the worker runs them
 
     @classmethod
     def from_env(cls, home: Path, env: dict[str, str] | None = None) -> ApiConfig:
         """RETURNS_API_HOST, RETURNS_API_PORT, RETURNS_API_WAIT, RETURNS_API_KEY_RATE, RETURNS_API_ADDRESS_RATE,
-        RETURNS_COOKIE_SECURE; the cookie secret from RETURNS_SESSION_SECRET or a file made once under `home`."""
+        RETURNS_COOKIE_SECURE, RETURNS_API_RUN_THREADS; the cookie secret from RETURNS_SESSION_SECRET or a file
+        made once under `home`."""
         e = dict(os.environ) if env is None else env
         port = int(_number(e, "RETURNS_API_PORT", 8000))
+        threads = e.get("RETURNS_API_RUN_THREADS") or "4"
+        if not threads.isdigit() or int(threads) > 64:
+            raise InvalidInput(f"RETURNS_API_RUN_THREADS must be a whole number from 0 to 64, not {threads[:20]!r}")
         return cls(host=e.get("RETURNS_API_HOST") or "127.0.0.1", port=port,
                    wait_seconds=_number(e, "RETURNS_API_WAIT", 5.0),
                    key_rate=_number(e, "RETURNS_API_KEY_RATE", 20.0),
                    address_rate=_number(e, "RETURNS_API_ADDRESS_RATE", 50.0),
                    secret=(e["RETURNS_SESSION_SECRET"].encode() if e.get("RETURNS_SESSION_SECRET")
                            else session_secret(home)),
-                   secure_cookies=e.get("RETURNS_COOKIE_SECURE", "") in ("1", "true", "yes"))
+                   secure_cookies=e.get("RETURNS_COOKIE_SECURE", "") in ("1", "true", "yes"),
+                   run_threads=int(threads))
 
 
 def session_secret(home: Path) -> bytes:

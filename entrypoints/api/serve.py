@@ -51,11 +51,14 @@ def run_serve() -> int:
     ensure_schema(pipeline)
     config = ApiConfig.from_env(pipeline.settings.home)
     with orchestrated(pipeline.settings.home / "prefect") as driver:
-        app = create_app(pipeline, ThroughPrefect.over(driver.api, pipeline), config)
-        server = uvicorn_server(app, config.host, config.port)
+        submitter = ThroughPrefect.over(driver.api, pipeline, threads=config.run_threads)
+        server = uvicorn_server(create_app(pipeline, submitter, config), config.host, config.port)
         _say({"api": f"http://{config.host}:{config.port}", "docs": f"http://{config.host}:{config.port}/docs",
               "prefect_ui": driver.ui_url})
-        server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful stop, then re-raises it for orchestrated()
+        try:
+            server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful stop, then re-raises it for orchestrated()
+        finally:
+            submitter.close()  # the request runs in flight here finish before the worker and the server stop
     return 0
 
 

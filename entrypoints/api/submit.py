@@ -3,9 +3,16 @@ Prefect API), or by running the stage here (without one, for tests and a laptop)
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import threading
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
 
 from adapters.label.layout import label_path
 from entrypoints.prefect_api import FINAL, PrefectApi, RunFailed
@@ -14,6 +21,13 @@ from service import stages
 from service.results import Accepted, Decided
 from service.stages import API, LocalSteps
 from service.steps import Pipeline
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.context import SettingsContext
+
+log = logging.getLogger(__name__)
+HOLDER = f"returns-api:{socket.gethostname()}:{os.getpid()}"  # a request run claimed by the API, in the Prefect UI
 
 
 class Submitter(Protocol):
@@ -51,6 +65,97 @@ class InProcess:
         stages.process(LocalSteps(self.pipeline), rma, API)
 
 
+class RunsHere:
+    """Claims a storefront's new request run as a worker does (Scheduled -> Pending) and runs it on a thread of the
+    API's process, up to `threads` at once; beyond them, the worker runs it."""
+
+    # The storefront waits for this run: a worker costs it a poll (0.1 s) and its claim and submission (~0.4 s
+    # measured) before the engine starts. The run is still the deployment's run, with its task runs, artifacts and
+    # events. It is created scheduled FALLBACK s ahead, past the worker's prefetch (10 s), so the worker does not
+    # race the claim and takes the run if this process dies before claiming it; the claim's Pending carries the
+    # claim time, which Prefect's CopyScheduledTime rule keeps over the scheduled one, so it starts at once. A
+    # crash after the claim is a worker's crash after its claim: the run stays Pending or Running in the UI.
+    FALLBACK = 30.0
+
+    def __init__(self, api_url: str, threads: int = 4) -> None:
+        self.api_url = api_url
+        self._free = threading.BoundedSemaphore(threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="request-run")
+        self._flows: dict[str, Flow[..., Any]] = {}
+        self._settings: SettingsContext | None = None
+        self._setup = threading.Lock()
+        self.ran = 0  # runs claimed and run here (the benchmark reports how many the worker took instead)
+
+    def reserve(self) -> bool:
+        """Hold a thread for a run about to be created; False if every thread is busy."""
+        return self._free.acquire(blocking=False)
+
+    def start(self, run_id: str) -> None:
+        """Claim and run `run_id` on the reserved thread, in the background."""
+        try:
+            self._pool.submit(self._claim_and_run, run_id)
+        except RuntimeError:  # shutting down: the worker takes the run at its scheduled time
+            self._free.release()
+
+    def release(self) -> None:
+        """Give back a reserved thread that got no run."""
+        self._free.release()
+
+    def close(self) -> None:
+        """Wait for the runs in flight (a stopping API lets them finish, as a stopping worker does)."""
+        self._pool.shutdown(wait=True)
+
+    def _claim_and_run(self, run_id: str) -> None:
+        try:
+            self._run(UUID(run_id))
+        except Exception as exc:  # noqa: BLE001 - the engine recorded what it could; the storefront sees the state
+            log.warning("request run %s ended here with %s", run_id, type(exc).__name__)
+        finally:
+            self._free.release()
+
+    def _run(self, run_id: UUID) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import StateDetails
+        from prefect.client.schemas.responses import SetStateStatus
+        from prefect.states import Pending
+
+        from entrypoints.worker import run_on_this_thread
+
+        settings = self._ready()
+        with settings.model_copy(), get_client(sync_client=True) as client:
+            starts = StateDetails(scheduled_time=datetime.now(UTC))  # now, not the fallback time it was created with
+            claimed: Any = client.set_flow_run_state(run_id, Pending(state_details=starts))
+            if claimed.status != SetStateStatus.ACCEPT:
+                return  # the worker has it
+            # Which process holds the run, where a worker writes its own (BaseWorker._mark_flow_run_as_submitted).
+            client.update_flow_run(run_id, infrastructure_pid=HOLDER)
+            flow_run = client.read_flow_run(run_id)
+            flow = self._flow(client, flow_run.deployment_id)
+        self.ran += 1
+        run_on_this_thread(flow, flow_run, settings)
+
+    def _ready(self) -> SettingsContext:
+        with self._setup:
+            if self._settings is None:
+                from adapters.redact import install_redaction
+                from entrypoints.worker import quiet_settings
+
+                install_redaction()  # the run's logs go to Prefect's API and UI: nothing personal in them
+                self._settings = quiet_settings(self.api_url)
+            return self._settings
+
+    def _flow(self, client: Any, deployment_id: UUID | None) -> Flow[..., Any]:
+        """The deployment's flow, imported once (a code change needs a restart, as the worker's does)."""
+        from entrypoints.worker import import_flow
+
+        key = str(deployment_id)
+        with self._setup:
+            if key not in self._flows:
+                deployment = client.read_deployment(deployment_id)
+                self._flows[key] = import_flow(deployment.entrypoint)
+            return self._flows[key]
+
+
 @dataclass
 class ThroughPrefect:
     """A run of the storefront deployment, keyed so that a retried call finds the same run; the decision is read
@@ -61,14 +166,21 @@ class ThroughPrefect:
     poll: float = 0.02  # the returns database (a read without a lock): first poll, growing by half to `max_poll`
     max_poll: float = 0.2
     state_every: float = 1.0  # the Prefect API: each read costs its server CPU
+    here: RunsHere | None = field(default=None)
 
     @classmethod
-    def over(cls, api: PrefectApi, pipeline: Pipeline, patience: float = 10.0) -> ThroughPrefect:
+    def over(cls, api: PrefectApi, pipeline: Pipeline, patience: float = 10.0, threads: int = 4) -> ThroughPrefect:
         """A submitter on its own client of `api` that gives up on a busy Prefect server after `patience` s (the
-        storefront then hears 503 and retries with the same key) instead of holding its call for minutes."""
+        storefront then hears 503 and retries with the same key) instead of holding its call for minutes; it runs
+        up to `threads` request runs itself (0: the worker runs them all)."""
         own = PrefectApi(api.api_url, patience=patience)
         own.http.headers.update(api.http.headers)
-        return cls(own, pipeline)
+        return cls(own, pipeline, here=RunsHere(api.api_url, threads) if threads > 0 else None)
+
+    def close(self) -> None:
+        """Let the request runs in flight here finish."""
+        if self.here is not None:
+            self.here.close()
 
     def process(self, rma: str, run_key: str) -> None:
         self.api.create_run(DEPLOYMENTS["process"], {"rma": rma, "by": API.name}, idempotency_key=run_key)
@@ -77,7 +189,16 @@ class ThroughPrefect:
         run_id = accepted.flow_run_id
         if run_id is None:
             parameters = dict(accepted.parameters)
-            run_id = self.api.create_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key)
+            here = self.here if self.here is not None and self.here.reserve() else None
+            try:
+                run_id = self.api.create_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
+                                             start_in=RunsHere.FALLBACK if here else 0.0)
+            except BaseException:
+                if here:
+                    here.release()
+                raise
+            if here:
+                here.start(run_id)
             self.pipeline.request_started(accepted.reference, run_id)
         deadline = time.monotonic() + wait
         next_state = time.monotonic() + self.state_every
