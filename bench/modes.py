@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.measure import count_prefect_client_retries, iso, machine_busy, self_cpu, self_hwm_mb, summary
+from bench.measure import count_prefect_client_retries, free_port, iso, machine_busy, self_cpu, self_hwm_mb, summary
 from bench.run import RECEIPT_DEPLOYMENT, REQUEST_DEPLOYMENT, Run
 from bench.workload import receipt_params, request_params
 
@@ -99,7 +99,13 @@ def flows(run: Run) -> None:
     run._settle(m0, t2)
 
 
-def served(run: Run) -> None:
+def api(run: Run) -> None:
+    """As `served`, but the K storefronts call the storefront API (POST /v1/returns to its 201, the API running
+    the request run itself, as `returns serve` does); the docks still create record-receipt runs over REST."""
+    served(run, through_api=True)
+
+
+def served(run: Run, through_api: bool = False) -> None:
     """Deploy prefect.yaml, start the in-process worker, and drive it over REST as K storefronts and docks."""
     from entrypoints.prefect_api import PrefectApi
 
@@ -132,9 +138,14 @@ def served(run: Run) -> None:
                 apis.append(local.api)
         return local.api  # type: ignore[no-any-return]
 
+    storefront = _Storefront(run, api) if through_api else None
+
     def one_request(i: int) -> dict[str, Any]:
         params = request_params(i, run.tag)
         wall, s = time.time(), time.monotonic()
+        if storefront is not None:
+            answer = storefront.request(params, params["idempotency_key"])
+            return {"i": i, "wall": wall, "lat": time.monotonic() - s, "post": 0.0, "run": {}, "id": answer}
         run_id = client().create_run(REQUEST_DEPLOYMENT, params, idempotency_key=params["idempotency_key"])
         created = time.monotonic()
         flow_run = client().wait(run_id, timeout=max(1.0, run.deadline.left()), poll=poll, max_poll=poll)
@@ -172,12 +183,50 @@ def served(run: Run) -> None:
     r["receipt_latency_s"] = summary([q["lat"] for q in receipts])
     r["worker_cpu_s"] = round(m_end["worker"] - m0["worker"], 2)
     run._settle(m0, t2)
-    r["request_states"] = run._state_gaps(api, [q["id"] for q in requests])
+    if storefront is None:
+        r["request_states"] = run._state_gaps(api, [q["id"] for q in requests])
+    else:
+        r["api_ran"] = storefront.ran()
+        storefront.close()
     r["receipt_states"] = run._state_gaps(api, [q["id"] for q in receipts])
     from entrypoints.prefect_server import stop_worker
 
     stop_worker(run.worker)  # SIGTERM: the worker lets runs in flight finish
     r["worker_rss_mb"] = run.monitor.peak_mb("worker")
+
+
+class _Storefront:
+    """The storefront API on a loopback port of this process, and a client of it per thread."""
+
+    def __init__(self, run: Run, prefect: Any) -> None:
+        from adapters.clock import utcnow
+        from entrypoints.api.app import create_app
+        from entrypoints.api.config import ApiConfig
+        from entrypoints.api.serve import api_thread
+        from entrypoints.api.submit import ThroughPrefect
+
+        self.submitter = ThroughPrefect.over(prefect, run.pipeline)
+        config = ApiConfig(secret=b"bench", key_rate=1e6, address_rate=1e6, wait_seconds=120)
+        self._serving = api_thread(create_app(run.pipeline, self.submitter, config), "127.0.0.1", free_port())
+        self.url = self._serving.__enter__()
+        self.key = run.pipeline.create_api_key(f"bench-{run.tag}", utcnow())
+        self._local = threading.local()
+
+    def request(self, params: dict[str, Any], key: str) -> str:
+        """POST /v1/returns to its 201; the request's reference."""
+        from entrypoints.api.client import Storefront
+        from models.schemas import ReturnRequestIn, parse
+
+        if not hasattr(self._local, "client"):
+            self._local.client = Storefront(self.url, self.key, timeout=300)
+        return str(self._local.client.request(parse(ReturnRequestIn, params), key)["rma_number"])
+
+    def ran(self) -> int:
+        return self.submitter.here.ran if self.submitter.here else 0
+
+    def close(self) -> None:
+        self.submitter.close()
+        self._serving.__exit__(None, None, None)
 
 
 def start_worker(run: Run) -> subprocess.Popen[bytes]:
@@ -204,7 +253,7 @@ def _decompose(items: list[dict[str, Any]]) -> dict[str, Any]:
     queued, running, seen = [], [], []
     for q in items:
         t = q["run"]
-        c, s, e, w = iso(t["created"]), iso(t["start"]), iso(t["end"]), iso(t["seen"])
+        c, s, e, w = (iso(t.get(k)) for k in ("created", "start", "end", "seen"))
         if c and s and e and w:
             queued.append((s - c).total_seconds())
             running.append((e - s).total_seconds())

@@ -3,7 +3,8 @@
 Every return is a P3 full refund (unwanted, unopened, bought 5 days ago) that is authorized, gets its RMA, label
 PDF and "RMA issued" email, is received unopened at Lantana, refunded, and gets its "received" and "processed"
 emails. The three modes (bench/modes.py) run the same stage functions: the floor with plain steps, the flows
-in-process under a Prefect server, and the served deployments through a worker, driven over REST.
+in-process under a Prefect server, the served deployments through a worker, driven over REST, and `api`: the
+requests through the storefront API (which runs each request run itself), the receipts as `served`.
 
 Each (mode, Prefect database, N) runs in its own subprocess (Prefect settings are per process) with a fresh
 RETURNS_HOME and SQLite returns database under a temp dir, a fresh Prefect home and, for PostgreSQL, a freshly
@@ -33,7 +34,7 @@ from bench.report import code_version, machine, table
 from bench.run import ROOT, Run
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("floor", "flows", "served")
+MODES = ("floor", "flows", "served", "api")
 
 
 def child_main(spec_path: str) -> int:
@@ -138,7 +139,7 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, nargs="+", default=[100, 1000], help="returns per run (default 100 1000)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of floor,flows,served")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of floor,flows,served,api")
     ap.add_argument("--prefect-db", default="sqlite,postgres",
                     help="comma list of sqlite,postgres (postgres skipped when 127.0.0.1:5432 does not answer)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent storefront clients in `served` (default 4)")

@@ -49,9 +49,9 @@ class Run:
         self.deadline = Deadline(spec["timeout"])
         self.tag = f"{int(time.time())}"
         self.result: dict[str, Any] = {"mode": self.mode, "prefect_db": self.db if self.mode != "floor" else "-",
-                                       "n": self.n, "clients": spec["clients"] if self.mode == "served" else 1,
+                                       "n": self.n, "clients": spec["clients"] if self.mode in ("served", "api") else 1,
                                        "notes": list(spec.get("notes", []))}
-        if self.mode == "served":
+        if self.mode in ("served", "api"):
             self.result["worker_poll"] = spec.get("worker_poll", 0.1)
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
@@ -100,7 +100,7 @@ class Run:
         groups: dict[str, Callable[[], Iterable[int]]] = {"server": lambda: session_pids(self.server.pid)}
         if self.db == "postgres":
             groups["pg"] = pg_backend_pids
-        if self.mode == "served":
+        if self.mode in ("served", "api"):
             groups["worker"] = lambda: session_pids(self.worker.pid) if self.worker else []
         self.monitor = Monitor(groups).start()
 
@@ -153,7 +153,7 @@ class Run:
                 self.start_prefect_server()
             from bench import modes
 
-            getattr(modes, self.mode)(self)  # floor, flows or served
+            getattr(modes, self.mode)(self)  # floor, flows, served or api
             self.verify()
         finally:
             self.cleanup()

@@ -270,3 +270,17 @@ def test_the_openapi_document_and_its_pages(shop: Storefront) -> None:
     assert "email" in doc["components"]["schemas"]["ReturnRequestIn"]["required"]
     assert "Idempotency-Key" in {p["name"] for p in doc["paths"]["/v1/returns"]["post"]["parameters"]}
     assert httpx.get(f"{shop.url}/docs").status_code == 200
+
+
+@pytest.mark.parametrize(("value", "threads"), [("", 4), ("0", 0), ("8", 8)])
+def test_the_request_run_threads_come_from_the_environment(tmp_path: Path, value: str, threads: int) -> None:
+    env = {"RETURNS_SESSION_SECRET": "s"} | ({"RETURNS_API_RUN_THREADS": value} if value else {})
+    assert ApiConfig.from_env(tmp_path, env).run_threads == threads
+
+
+@pytest.mark.parametrize("value", ["-1", "four", "2.5", "65"])
+def test_a_bad_request_run_threads_is_a_clear_error(tmp_path: Path, value: str) -> None:
+    from models.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="RETURNS_API_RUN_THREADS must be a whole number from 0 to 64"):
+        ApiConfig.from_env(tmp_path, {"RETURNS_SESSION_SECRET": "s", "RETURNS_API_RUN_THREADS": value})
