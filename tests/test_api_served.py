@@ -159,6 +159,21 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
     assert not verify(SECRET["webhook"], header, body.replace(b"authorized", b"completed"), now=int(time.time()))
 
 
+def test_the_api_never_starts_a_request_run_again_once_it_has_finished(served: Served) -> None:
+    """A late call with the same key finds the finished run; Prefect would let it go back to Pending (a rerun)."""
+    from entrypoints.api.submit import RunsHere
+
+    (run,) = [r for r in flow_runs(served) if r["name"] == "request-IS-1001"]
+    assert served.prefect.wait(run["id"], timeout=90)["state"]["type"] == "COMPLETED"
+    here = RunsHere(served.prefect.api_url, threads=1)
+    assert here.reserve()
+    here.start(run["id"])
+    here.close()
+    states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+    assert here.ran == 0 and [st["type"] for st in states].count("PENDING") == 1, states
+    assert served.prefect.run_state(run["id"])[0] == "COMPLETED"
+
+
 def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:
     r = served.ask("IS-1004", "served-1004", wait="0")
     assert r.status_code == 202, r.text

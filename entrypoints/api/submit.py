@@ -115,7 +115,7 @@ class RunsHere:
 
     def _run(self, run_id: UUID) -> None:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.objects import StateDetails
+        from prefect.client.schemas.objects import StateDetails, StateType
         from prefect.client.schemas.responses import SetStateStatus
         from prefect.states import Pending
 
@@ -123,6 +123,10 @@ class RunsHere:
 
         settings = self._ready()
         with settings.model_copy(), get_client(sync_client=True) as client:
+            # Only a run still waiting: the same key may have found a run that has finished, and Prefect lets a
+            # completed run without a persisted result go back to Pending (a rerun), which is not ours to start.
+            if client.read_flow_run(run_id).state_type != StateType.SCHEDULED:
+                return
             starts = StateDetails(scheduled_time=datetime.now(UTC))  # now, not the fallback time it was created with
             claimed: Any = client.set_flow_run_state(run_id, Pending(state_details=starts))
             if claimed.status != SetStateStatus.ACCEPT:
@@ -131,7 +135,8 @@ class RunsHere:
             client.update_flow_run(run_id, infrastructure_pid=HOLDER)
             flow_run = client.read_flow_run(run_id)
             flow = self._flow(client, flow_run.deployment_id)
-        self.ran += 1
+        with self._setup:
+            self.ran += 1
         run_on_this_thread(flow, flow_run, settings)
 
     def _ready(self) -> SettingsContext:
