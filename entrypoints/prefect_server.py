@@ -99,7 +99,15 @@ def start_worker(env: dict[str, str], log: Path, worker_type: str = IN_PROCESS, 
     # Its own session: a terminal's Ctrl-C reaches only our process, which then sends the worker one SIGTERM (a
     # second signal makes Prefect's worker SIGKILL itself, crashing the runs in flight).
     return subprocess.Popen(cmd, env=env, cwd=cwd or ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """In the worker's child, before exec: SIGINT back to its default disposition."""
+    # Prefect's worker stops on SIGTERM by sending itself SIGINT. A shell that starts us in the background
+    # (`returns serve &`) leaves SIGINT ignored, which a child inherits: the worker then ignored its stop and was
+    # killed after stop_worker's 120 s. Only signal.signal runs here, no lock a parent's thread could hold.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> int:

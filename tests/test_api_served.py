@@ -92,8 +92,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, receiver: WebhookReceiver,
     }
     log = base / "serve.log"
     with open(log, "wb") as out:
+        # Started as a shell starts a background job (`returns serve &`): SIGINT ignored, which children inherit.
         proc = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve"], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_as_a_background_job)
     api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {key}"},
                        timeout=60)
     try:
@@ -295,6 +296,10 @@ def test_sigterm_stops_the_api_the_worker_and_the_prefect_server(served: Served)
     for port in served.ports:
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def _as_a_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def flow_runs(served: Served) -> list[dict[str, Any]]:
