@@ -164,7 +164,8 @@ class BoardRow:
 @dataclass(frozen=True)
 class Board:
     """What waits for a person at `as_of`: counts per state; in review, due soon, overdue, stuck, RMAs about to
-    expire, RMAs expired within the week, escalated returns."""
+    expire, RMAs expired within the week, escalated returns; and, apart from the stuck ones, the refunds a
+    provider has not settled yet."""
 
     as_of: datetime
     counts: Mapping[str, int]
@@ -176,9 +177,10 @@ class Board:
     expired: list[BoardRow] = field(default_factory=list)
     escalated: list[BoardRow] = field(default_factory=list)
     deadlines: Mapping[str, datetime] = field(default_factory=dict)  # of the due-soon, overdue and stuck ones
+    awaiting_provider: list[str] = field(default_factory=list)  # processing, a refund pending at its provider
 
     def to_json(self) -> dict[str, Any]:
         return {"as_of": self.as_of.isoformat(), "counts": dict(self.counts), "due_soon": self.due_soon,
-                "overdue": self.overdue, "stuck": self.stuck} | {
+                "overdue": self.overdue, "stuck": self.stuck, "awaiting_provider": self.awaiting_provider} | {
             name: [r.to_json() for r in getattr(self, name)]
             for name in ("in_review", "expiring", "expired", "escalated")}

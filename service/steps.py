@@ -18,6 +18,7 @@ from adapters.config import settings as load_settings
 from adapters.crashpoints import crash_point
 from adapters.db import engine_for, unit_of_work
 from adapters.label.layout import LabelData, LabelLine, label_path, render_label, write_label
+from adapters.payments.base import RefundStatus
 from adapters.payments.events import ProviderEvent
 from adapters.payments.gateway import Gateway, LedgerGateway
 from adapters.payments.providers import Providers
@@ -32,6 +33,7 @@ from models.tables import (
     Order,
     OutboxMessage,
     Product,
+    ProviderRefund,
     Refund,
     RefundAllocation,
     Return,
@@ -408,6 +410,11 @@ class Pipeline:
         with unit_of_work(self.engine, read_only=True) as session:
             counts = svc.counts_by_state(session)
             plan = svc.sweep_candidates(session, as_of, self.policy)
+            # The sweep re-drives a return whose refund is pending too (to ask its provider), but nothing is wrong
+            # with it: the board shows it apart from the stuck ones.
+            awaiting: set[str] = set(session.scalars(select(col(Return.rma)).join(
+                ProviderRefund, col(ProviderRefund.return_id) == Return.id).where(
+                col(Return.rma).in_(plan.redrive), col(ProviderRefund.status) == str(RefundStatus.PENDING))))
             open_clock = session.execute(select(col(Return.rma), col(Return.deadline_at)).where(
                 col(Return.state).in_(OPEN_CLOCK), col(Return.deadline_at).is_not(None))).all()
             in_review = _in_review(session)
@@ -431,8 +438,9 @@ class Pipeline:
         return Board(as_of=as_of, counts=counts,
                      due_soon=sorted(r for r, f in flags.items() if f is Flag.DUE_SOON),
                      overdue=sorted(r for r, f in flags.items() if f is Flag.OVERDUE),
-                     stuck=plan.redrive, in_review=in_review, expiring=expiring, expired=expired,
-                     escalated=escalated, deadlines={str(rma): d for rma, d in open_clock})
+                     stuck=[r for r in plan.redrive if r not in awaiting], in_review=in_review,
+                     expiring=expiring, expired=expired, escalated=escalated,
+                     deadlines={str(rma): d for rma, d in open_clock}, awaiting_provider=sorted(awaiting))
 
 
 def _in_review(session: Session) -> list[BoardRow]:

@@ -136,7 +136,9 @@ def board_markdown(board: Board, policy: Policy) -> str:
                       _when(r.deadline), _short(r.why)] for r in board.in_review])
     for title, items in ((f"Due soon (R9: within {policy.escalate_before_hours} h of {deadline})", board.due_soon),
                          (f"Overdue (R9: past {deadline})", board.overdue),
-                         ("Stuck (past the processing lease; the sweep re-drives them)", board.stuck)):
+                         ("Stuck (past the processing lease; the sweep re-drives them)", board.stuck),
+                         ("Waiting for the payment provider (a pending refund: its webhook or the sweep completes it)",
+                          board.awaiting_provider)):
         lines += _table(title, ["return", "deadline"],
                         [[artifact_link(r), _when(board.deadlines.get(r))] for r in items])
     lines += _table("RMAs about to expire (R8: no parcel yet)", ["return", "order", "valid until"],

@@ -178,6 +178,9 @@ def test_a_pending_refund_leaves_the_return_processing_until_the_sweep_sees_it_s
     # Still pending when the sweep asks (after the claim's lease): still processing, nothing paid again.
     assert helpers.sweep(shop.p, LATER + timedelta(minutes=20)).processed == []
     assert state(shop, rma) == "processing" and len(shop.stripe.creates("/v1/refunds")) == 1
+    # On the board it waits for the provider, not among the stuck returns.
+    board = shop.p.board(LATER + timedelta(minutes=21))
+    assert (board.awaiting_provider, board.stuck) == ([rma], [])
     shop.stripe.settle(str(ref), "succeeded")
     report = helpers.sweep(shop.p, LATER + timedelta(minutes=40))
     assert report.processed == [rma] and state(shop, rma) == "completed" and "processed" in kinds(shop, rma)
