@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
@@ -173,6 +174,30 @@ def test_the_api_never_starts_a_request_run_again_once_it_has_finished(served: S
     states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
     assert here.ran == 0 and [st["type"] for st in states].count("PENDING") == 1, states
     assert served.prefect.run_state(run["id"])[0] == "COMPLETED"
+
+
+def test_a_request_run_an_api_process_died_holding_goes_back_to_the_worker(served: Served) -> None:
+    """The API claimed a run and died (its pid is gone): the next API process to start hands it to the worker."""
+    import socket
+
+    from entrypoints.api.submit import RunsHere
+
+    (done,) = [r for r in flow_runs(served) if r["name"] == "request-IS-1001"]
+    run_id = served.prefect.create_run("request-return/storefront", done["parameters"], "orphan-test", start_in=600)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    claimed = served.prefect._call("POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "PENDING"}})
+    assert claimed.json()["status"] == "ACCEPT", claimed.text
+    served.prefect._call("PATCH", f"/flow_runs/{run_id}",
+                         json={"infrastructure_pid": f"returns-api:{socket.gethostname()}:{gone.pid}"})
+    here = RunsHere(served.prefect.api_url, threads=1)
+    try:
+        assert [str(r) for r in here.hand_back_orphans(UUID(done["deployment_id"]))] == [run_id]
+        assert here.hand_back_orphans(UUID(done["deployment_id"])) == []  # the worker has it now, or soon
+    finally:
+        here.close()
+    run = served.prefect.wait(run_id, timeout=90)  # the same request again: its steps find it decided
+    assert not run["infrastructure_pid"].startswith("returns-api:"), run
 
 
 def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:

@@ -52,6 +52,7 @@ def run_serve() -> int:
     config = ApiConfig.from_env(pipeline.settings.home)
     with orchestrated(pipeline.settings.home / "prefect") as driver:
         submitter = ThroughPrefect.over(driver.api, pipeline, threads=config.run_threads)
+        submitter.recover()
         server = uvicorn_server(create_app(pipeline, submitter, config), config.host, config.port)
         _say({"api": f"http://{config.host}:{config.port}", "docs": f"http://{config.host}:{config.port}/docs",
               "prefect_ui": driver.ui_url})

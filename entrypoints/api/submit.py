@@ -108,6 +108,27 @@ class RunsHere:
         if self._client is not None:
             self._client.__exit__(None, None, None)
 
+    def hand_back_orphans(self, deployment_id: UUID) -> list[UUID]:
+        """Runs of the deployment that an API process of this host claimed and then died holding, Scheduled again
+        for the worker; their steps are idempotent, so a run that had begun starts over safely."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterDeploymentId,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Scheduled
+
+        _, client = self._ready()
+        held = client.read_flow_runs(limit=200, flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))))
+        handed = [run.id for run in held if _orphaned(run.infrastructure_pid)]
+        for run_id in handed:
+            client.set_flow_run_state(run_id, Scheduled(), force=True)
+        return handed
+
     def _claim_and_run(self, run_id: str) -> None:
         try:
             self._run(UUID(run_id))
@@ -167,6 +188,21 @@ class RunsHere:
             return self._flows[key]
 
 
+def _orphaned(holder: str | None) -> bool:
+    """Claimed by an API process of this host that no longer runs (another host's, or a reused pid: not known)."""
+    prefix, _, rest = (holder or "").partition(":")
+    host, _, pid = rest.rpartition(":")
+    if prefix != "returns-api" or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 @dataclass
 class ThroughPrefect:
     """A run of the storefront deployment, keyed so that a retried call finds the same run; the decision is read
@@ -187,6 +223,13 @@ class ThroughPrefect:
         own = PrefectApi(api.api_url, patience=patience)
         own.http.headers.update(api.http.headers)
         return cls(own, pipeline, here=RunsHere(api.api_url, threads) if threads > 0 else None)
+
+    def recover(self) -> None:
+        """At start: hand the worker the request runs an earlier API process here died holding."""
+        if self.here is not None:
+            handed = self.here.hand_back_orphans(UUID(self.api.deployment_id(DEPLOYMENTS["request"])))
+            if handed:
+                log.warning("%d request run(s) held by a stopped API process went back to the worker", len(handed))
 
     def close(self) -> None:
         """Let the request runs in flight here finish."""
