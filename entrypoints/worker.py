@@ -79,6 +79,15 @@ def quiet_settings(api_url: str | None = None) -> SettingsContext:
                            settings=Settings().copy_with_update(updates=updates))
 
 
+def prepare_run_logging() -> None:
+    """Before running flow runs on threads of this process: redact their logs, drop the thread-timeout notice."""
+    # Prefect ships run logs to its API and UI: no email addresses or phone numbers in them.
+    install_redaction()
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _ThreadTimeoutNotice) for f in task_runs.filters):
+        task_runs.addFilter(_ThreadTimeoutNotice())
+
+
 _loading = threading.Lock()  # Prefect's import_object is not thread safe
 
 
@@ -128,9 +137,7 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         self._settings: SettingsContext | None = None
 
     async def setup(self) -> None:
-        # Prefect ships run logs to its API and UI: no email addresses or phone numbers in them.
-        install_redaction()
-        logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
+        prepare_run_logging()
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_LIMIT)
         self._settings = quiet_settings()
         await super().setup()

@@ -167,10 +167,9 @@ class RunsHere:
             if self._settings is None:
                 from prefect.client.orchestration import get_client
 
-                from adapters.redact import install_redaction
-                from entrypoints.worker import quiet_settings
+                from entrypoints.worker import prepare_run_logging, quiet_settings
 
-                install_redaction()  # the run's logs go to Prefect's API and UI: nothing personal in them
+                prepare_run_logging()
                 self._settings = quiet_settings(self.api_url)
                 with self._settings.model_copy():
                     self._client = get_client(sync_client=True).__enter__()
