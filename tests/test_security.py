@@ -233,13 +233,25 @@ def test_install_redaction_covers_root_and_prefect_loggers_and_their_handlers() 
             t.filters[:] = before[id(t)]
 
 
-def test_the_worker_and_the_command_line_install_the_redaction() -> None:
+def test_the_worker_the_api_runs_and_the_command_line_install_the_redaction() -> None:
     import inspect
 
+    from adapters.redact import LOGGERS
     from entrypoints import cli, worker
+    from entrypoints.api import submit
 
-    assert "install_redaction()" in inspect.getsource(worker.ReturnsInProcessWorker.setup)
+    # Both places that run flow runs on threads prepare their logging one way, and that way redacts.
+    assert "prepare_run_logging()" in inspect.getsource(worker.ReturnsInProcessWorker.setup)
+    assert "prepare_run_logging()" in inspect.getsource(submit.RunsHere._ready)
     assert "install_redaction()" in inspect.getsource(cli.main)
+    targets = [logging.getLogger(name) for name in LOGGERS]
+    before = {id(t): list(t.filters) for t in targets}
+    try:
+        worker.prepare_run_logging()
+        assert all(any(isinstance(f, RedactPersonalData) for f in t.filters) for t in targets)
+    finally:
+        for t in targets:
+            t.filters[:] = before[id(t)]
 
 
 # ---- (d) the local Prefect server listens on loopback only -----------------------------------------------------------
