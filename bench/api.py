@@ -131,13 +131,8 @@ def settled(monitor: Monitor, before: dict[str, float], idle: float, n: int) -> 
     """CPU seconds per request of each group since `before`, once the server is back near idle (it records task
     runs and events after the calls return), its idle rate taken off."""
     start = time.monotonic()
-    last, at = monitor.mark(), time.monotonic()
-    while time.monotonic() - start < 30:
-        time.sleep(1.0)
-        now, t = monitor.mark(), time.monotonic()
-        if (now["prefect server"] - last["prefect server"]) / (t - at) < idle * 1.5 + 0.02:
-            break
-        last, at = now, t
+    monitor.until_quiet(idle * 1.5, 0.02, ["prefect server"], quiet_for=0.0, more=lambda: time.monotonic() - start < 30)
+    now = monitor.mark()
     spent = {g: now[g] - before[g] for g in now}
     spent["prefect server"] -= idle * (time.monotonic() - start)
     return {g: v / n for g, v in spent.items()}
@@ -161,9 +156,7 @@ def run_levels(args: Any, per: dict[int, int], driver: Any, pipeline: Any, urls:
         client.request(parse(ReturnRequestIn, warm), warm["idempotency_key"])
     quote = parse(ReturnRequestIn, request_params(0, tag))
     time.sleep(3)
-    m0, t0 = monitor.mark(), time.monotonic()
-    time.sleep(5)
-    idle = (monitor.mark()["prefect server"] - m0["prefect server"]) / (time.monotonic() - t0)
+    idle = monitor.idle_rate(5)["prefect server"]
     for clients in args.clients:
         q = timed([lambda: storefront.quote(quote)] * args.quotes, clients)
 

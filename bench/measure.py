@@ -135,6 +135,30 @@ class Monitor:
         with self.lock:
             return {g: sum(v.values()) for g, v in self.cpu.items()}
 
+    def idle_rate(self, seconds: float) -> dict[str, float]:
+        """Cores each group uses over the next `seconds` (call it with nothing to do: the idle floor)."""
+        m0, t0 = self.mark(), time.monotonic()
+        time.sleep(seconds)
+        m1, t1 = self.mark(), time.monotonic()
+        return {g: (m1[g] - m0[g]) / (t1 - t0) for g in m0}
+
+    def until_quiet(self, idle: float, margin: float, groups: Iterable[str] | None = None, quiet_for: float = 3.0,
+                    more: Callable[[], bool] = lambda: True) -> tuple[float, dict[str, float]]:
+        """Sample every second until `groups` (default all) have used at most `idle + margin` cores for `quiet_for`
+        s, or `more()` is False: when they were last busy, and the marks then."""
+        last = self.mark()
+        quiet_since, busy_mark = time.monotonic(), last
+        while more():
+            time.sleep(1.0)
+            now = self.mark()
+            busy = sum(now[g] - last[g] for g in (groups if groups is not None else now))
+            last = now
+            if busy > idle + margin:
+                quiet_since, busy_mark = time.monotonic(), now
+            elif time.monotonic() - quiet_since >= quiet_for:
+                break
+        return quiet_since, busy_mark
+
     def peak_mb(self, group: str) -> float:
         """The largest VmHWM of one process of the group."""
         with self.lock:

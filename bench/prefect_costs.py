@@ -98,14 +98,7 @@ def measure(db: str, reps: int, work: Path, timeout: float) -> dict[str, Any]:
 
         def settle(since: float) -> float:
             """Wait for the server's CPU to fall back to its idle floor; returns the CPU spent since `since`."""
-            last, quiet = mon.mark(), time.monotonic()
-            last_busy_mark = last
-            while time.monotonic() - quiet < 3.0 and deadline.left() > 10:
-                time.sleep(1.0)
-                now = mon.mark()
-                if sum(now.values()) - sum(last.values()) > idle + 0.04:
-                    quiet, last_busy_mark = time.monotonic(), now
-                last = now
+            _, last_busy_mark = mon.until_quiet(idle, 0.04, more=lambda: deadline.left() > 10)
             return sum(last_busy_mark.values()) - since
 
         def timed(name: str, per_call: int, fn: Any, calls: int) -> dict[str, Any]:
@@ -133,9 +126,7 @@ def measure(db: str, reps: int, work: Path, timeout: float) -> dict[str, Any]:
             tasks10()
             drain_prefect_workers()
             time.sleep(3)
-            m0, t0 = sum(mon.mark().values()), time.monotonic()
-            time.sleep(5)
-            idle = (sum(mon.mark().values()) - m0) / (time.monotonic() - t0)
+            idle = sum(mon.idle_rate(5).values())
             flows_n = max(1, reps // 10)
             run = http.post("/flow_runs/filter", json={"limit": 1}).json()[0]["id"]
             rows = [

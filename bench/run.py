@@ -177,10 +177,7 @@ class Run:
     def _measure_idle(self, seconds: float = 4.0) -> None:
         """The server's CPU use with nothing to do but answer the serving process's polls (its idle floor)."""
         assert self.monitor is not None
-        m0, t0 = self.monitor.mark(), time.monotonic()
-        time.sleep(seconds)
-        m1, t1 = self.monitor.mark(), time.monotonic()
-        self.idle = {g: (m1[g] - m0[g]) / (t1 - t0) for g in m0}
+        self.idle = self.monitor.idle_rate(seconds)
         self.result["idle_cpu_per_s"] = {g: round(v, 3) for g, v in self.idle.items()}
 
     def _settle(self, m0: dict[str, float], t_end: float) -> None:
@@ -188,17 +185,10 @@ class Run:
         its records; the CPU it spends after the last client call is the backlog of events it still had."""
         assert self.monitor is not None
         m_end = self.monitor.mark()
-        idle = sum(v for g, v in self.idle.items() if g != "worker")
-        last, quiet_since, m_quiet = m_end, time.monotonic(), m_end
-        while time.monotonic() - t_end < 300 and self.deadline.left() > 30:
-            time.sleep(1.0)
-            now = self.monitor.mark()
-            busy = sum(now[g] - last[g] for g in now if g != "worker")
-            last = now
-            if busy > idle + 0.06:
-                quiet_since, m_quiet = time.monotonic(), now
-            elif time.monotonic() - quiet_since >= 3.0:
-                break
+        groups = [g for g in self.idle if g != "worker"]
+        quiet_since, m_quiet = self.monitor.until_quiet(
+            sum(self.idle[g] for g in groups), 0.06, groups,
+            more=lambda: time.monotonic() - t_end < 300 and self.deadline.left() > 30)
         r = self.result
         settle = max(0.0, quiet_since - t_end)
         r["server_settle_s"] = round(settle, 1)
