@@ -73,8 +73,9 @@ class RunsHere:
     # measured) before the engine starts. The run is still the deployment's run, with its task runs, artifacts and
     # events. It is created scheduled FALLBACK s ahead, past the worker's prefetch (10 s), so the worker does not
     # race the claim and takes the run if this process dies before claiming it; the claim's Pending carries the
-    # claim time, which Prefect's CopyScheduledTime rule keeps over the scheduled one, so it starts at once. A
-    # crash after the claim is a worker's crash after its claim: the run stays Pending or Running in the UI.
+    # claim time, which Prefect's CopyScheduledTime rule keeps over the scheduled one, so it starts at once. A run
+    # this process dies holding goes back to the worker when the next API process of the host starts
+    # (hand_back_orphans).
     FALLBACK = 30.0
 
     def __init__(self, api_url: str, threads: int = 4) -> None:
