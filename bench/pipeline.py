@@ -32,6 +32,7 @@ from typing import Any
 from bench.measure import postgres_available, say, stop_group, wait_for_quiet
 from bench.report import code_version, machine, table
 from bench.run import ROOT, Run
+from entrypoints.prefect_server import WORKER_POLL_SECONDS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("floor", "flows", "served", "api")
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of sqlite,postgres (postgres skipped when 127.0.0.1:5432 does not answer)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent storefront clients in `served` (default 4)")
     ap.add_argument("--poll", type=float, default=0.05, help="client poll period for a run's state, s")
-    ap.add_argument("--worker-poll", type=float, default=0.1,
-                    help="the worker's poll for scheduled runs, s (default 0.1)")
+    ap.add_argument("--worker-poll", type=float, default=WORKER_POLL_SECONDS,
+                    help=f"the worker's timed poll for scheduled runs, s (default {WORKER_POLL_SECONDS:g}, as "
+                         "`returns serve`; it also polls when a run is scheduled)")
     ap.add_argument("--workers", type=int, default=4, help="flow runs the worker runs at once (its --limit, default 4)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is stopped")
     ap.add_argument("--budget", type=float, default=900,

@@ -31,6 +31,7 @@ from bench.measure import (
     write_profile,
 )
 from bench.workload import synthetic_catalog
+from entrypoints.prefect_server import WORKER_POLL_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST_DEPLOYMENT = "request-return/storefront"
@@ -52,7 +53,7 @@ class Run:
                                        "n": self.n, "clients": spec["clients"] if self.mode in ("served", "api") else 1,
                                        "notes": list(spec.get("notes", []))}
         if self.mode in ("served", "api"):
-            self.result["worker_poll"] = spec.get("worker_poll", 0.1)
+            self.result["worker_poll"] = spec.get("worker_poll", WORKER_POLL_SECONDS)
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.monitor: Monitor | None = None
@@ -270,6 +271,22 @@ class Run:
         out = {int(o.split("-")[1]): r for o, r in rows if o.startswith("BN-") and r}
         assert len(out) == self.n, f"{len(out)} RMAs for {self.n} requests"
         return out
+
+    def wait_completed(self, rma: str, timeout: float) -> None:
+        """Until the return is completed in the returns database (the truth), read with a growing pause."""
+        from sqlalchemy import select
+
+        from adapters.db import unit_of_work
+        from models.tables import Return
+
+        deadline, pause = time.monotonic() + timeout, 0.02
+        while time.monotonic() < deadline:
+            with unit_of_work(self.pipeline.engine) as session:
+                if session.execute(select(Return.state).where(Return.rma == rma)).scalar_one() == "completed":
+                    return
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
+        raise TimeoutError(f"{rma} not completed within {timeout:.0f} s")
 
     def _label_latencies(self, requests: list[dict[str, Any]]) -> list[float]:
         from adapters.label.layout import label_path

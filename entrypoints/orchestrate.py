@@ -20,6 +20,7 @@ from entrypoints.prefect_server import (
     IN_PROCESS,
     POOL,
     PREFECT_PORT,
+    WORKER_POLL_SECONDS,
     api_healthy,
     deploy_all,
     drain_prefect_workers,
@@ -52,7 +53,7 @@ class PrefectDriver:
 
 
 @contextmanager
-def orchestrated(prefect_home: Path, poll_seconds: float = 0.1) -> Iterator[PrefectDriver]:
+def orchestrated(prefect_home: Path, poll_seconds: float = WORKER_POLL_SECONDS) -> Iterator[PrefectDriver]:
     """A Prefect server (PREFECT_API_URL, :4200 or started here) with prefect.yaml applied and the worker serving it."""
     # On exit the worker stops (its runs in flight finish), then any server started here.
     from service.steps import Pipeline

@@ -15,6 +15,9 @@ PREFECT_PORT = int(os.environ.get("RETURNS_PREFECT_PORT", "4200"))
 ROOT = Path(__file__).resolve().parent.parent  # where prefect.yaml and the entrypoints it names live
 POOL = "returns"  # the work pool every deployment in prefect.yaml names
 IN_PROCESS = "returns-in-process"  # the worker type of entrypoints/worker.py
+# The in-process worker polls as soon as a run is scheduled on its pool (an event); its timed poll is the fallback
+# for an event a dropped websocket missed, and each poll is a write on the server.
+WORKER_POLL_SECONDS = 5.0
 
 
 def api_healthy(api_url: str, timeout: float = 1.0) -> bool:

@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from prefect.context import SettingsContext
 
 DEFAULT_LIMIT = 4  # flow-run threads when `--limit` is not given: threads share one process and one database
+SCHEDULED = "prefect.flow-run.Scheduled"  # the server's event for a run created (or rescheduled) on a pool
+_ON_OUR_THREAD = contextvars.ContextVar("returns_flow_run_on_our_thread", default=False)
 
 
 class InProcessVariables(BaseModel):
@@ -104,12 +109,56 @@ def run_on_this_thread(flow: Flow[..., Any], flow_run: FlowRun, settings: Settin
     """Run a claimed (Pending) flow run with Prefect's engine on the calling thread; its final state."""
     from prefect.flow_engine import run_flow
 
-    with settings.model_copy():  # one context per thread: an entered one cannot be shared
-        # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema check
-        # lets through) then fails the run with a message naming it, instead of raising before the engine has a
-        # state to record it in (a process worker's run crashes there).
-        return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,  # type: ignore[return-value]
-                        return_type="state")
+    guard_suspension_observer()
+    marked = _ON_OUR_THREAD.set(True)
+    try:
+        with settings.model_copy():  # one context per thread: an entered one cannot be shared
+            return _run_flow(run_flow, flow, flow_run)
+    finally:
+        _ON_OUR_THREAD.reset(marked)
+
+
+def _run_flow(run_flow: Any, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any]:
+    # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema check
+    # lets through) then fails the run with a message naming it, instead of raising before the engine has a
+    # state to record it in (a process worker's run crashes there).
+    return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,  # type: ignore[no-any-return]
+                    return_type="state")
+
+
+_guarding = threading.Lock()
+_OBSERVER = "observe_flow_run_suspension"  # the name prefect.flow_engine calls it by
+
+
+def guard_suspension_observer() -> bool:
+    """Prefect's engine skips its per-run suspension observer for runs on our threads; True once guarded."""
+    # For every run of a deployment, Prefect 3.9's engine (flow_engine.setup_flow_run_suspension_request) starts a
+    # thread with its own event loop, API client and events websocket, and waits for it to subscribe, so that a
+    # `suspend` sent from outside can reach the run. A run on one of our threads can be neither suspended nor
+    # interrupted (see kill_infrastructure), and no flow of ours suspends. Measured (docs/benchmarks.md): the
+    # observer cost ~88 ms of server CPU and ~60 ms of the runner's per run, and sat on the request's critical path.
+    # Prefect has no setting for it, so this wraps the one name the engine calls; other runs in the process (tests'
+    # flows) keep it. If a Prefect upgrade renames it, nothing is wrapped and runs keep the observer (a test says so).
+    import prefect.flow_engine as engine
+
+    with _guarding:
+        observe = getattr(engine, _OBSERVER, None)
+        if observe is None:
+            return False
+        if getattr(observe, "__returns_guarded__", False):
+            return True
+
+        @contextmanager
+        def observe_unless_ours(*args: Any, **kwargs: Any) -> Iterator[None]:
+            if _ON_OUR_THREAD.get():
+                yield
+                return
+            with observe(*args, **kwargs):
+                yield
+
+        observe_unless_ours.__returns_guarded__ = True  # type: ignore[attr-defined]
+        setattr(engine, _OBSERVER, observe_unless_ours)
+        return True
 
 
 class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResult]):
@@ -135,18 +184,53 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         self._runs_lock = threading.Lock()
         self._threads: anyio.CapacityLimiter | None = None
         self._settings: SettingsContext | None = None
+        self._waking: anyio.abc.TaskGroup | None = None
 
     async def setup(self) -> None:
         prepare_run_logging()
+        guard_suspension_observer()
         self._threads = anyio.CapacityLimiter(self._limit or DEFAULT_LIMIT)
         self._settings = quiet_settings()
         await super().setup()
+        # Entered after BaseWorker's own task group and left before it (teardown), as nested scopes must be.
+        self._waking = anyio.create_task_group()
+        await self._waking.__aenter__()
+        self._waking.start_soon(self._poll_when_scheduled)
 
     async def teardown(self, *exc_info: Any) -> None:
+        if self._waking is not None:
+            self._waking.cancel_scope.cancel()
+            await self._waking.__aexit__(None, None, None)
+            self._waking = None
         await super().teardown(*exc_info)
         from entrypoints.prefect_server import drain_prefect_workers
 
         await anyio.to_thread.run_sync(drain_prefect_workers)
+
+    async def _poll_when_scheduled(self) -> None:
+        """Poll the pool as soon as the server says a run was scheduled on it; the timed poll is the fallback."""
+        # BaseWorker only polls on a timer (PREFECT_WORKER_QUERY_SECONDS): a short one makes a new run wait little
+        # but costs the server a write per poll (at 0.1 s, ~0.2 of its core with nothing to do, measured), a long
+        # one makes every run wait. Prefect's own events say when to look: one poll per scheduled run, and the
+        # timer (5 s in `returns serve`) catches what a dropped websocket missed.
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+        while True:
+            try:
+                while self._work_pool is None:  # known after the first sync with the API
+                    await anyio.sleep(0.2)
+                pool = f"prefect.work-pool.{self._work_pool.id}"
+                scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED]),
+                                        related=EventRelatedFilter(resources_in_roles=[(pool, "work-pool")]))
+                async with get_events_subscriber(filter=scheduled) as events:
+                    async for _ in events:
+                        await self.get_and_submit_flow_runs()
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:  # noqa: BLE001 - the timed poll still serves; subscribe again shortly
+                self._logger.debug("event wake-up lost (%s); subscribing again", type(exc).__name__)
+                await anyio.sleep(5)
 
     async def run(self, flow_run: FlowRun, configuration: BaseJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> InProcessResult:

@@ -162,7 +162,7 @@ class Shop:
 
 @contextmanager
 def open_shop(base: Path, env: dict[str, str], worker_type: str = IN_PROCESS, limit: int | None = None,
-              smtp_url: str | None = None, cwd: Path | None = None) -> Iterator[Shop]:
+              smtp_url: str | None = None, cwd: Path | None = None, poll: float = 0.2) -> Iterator[Shop]:
     """A fresh sample database under `base` served by one worker of `worker_type`, stopped (SIGTERM) afterwards."""
     base.mkdir(parents=True, exist_ok=True)
     home, url = base / "returns", f"sqlite:///{base / 'returns.db'}"
@@ -171,7 +171,7 @@ def open_shop(base: Path, env: dict[str, str], worker_type: str = IN_PROCESS, li
     worker_env = env | {
         "RETURNS_HOME": str(home), "RETURNS_DATABASE_URL": url,
         "RETURNS_CHECKOUT": str(ROOT),  # the process worker's pull step: where the entrypoints are
-        "PREFECT_WORKER_QUERY_SECONDS": "0.2",  # pick a new run up at once (default 10 s)
+        "PREFECT_WORKER_QUERY_SECONDS": str(poll),  # the process worker's only way to find a new run
     } | ({"RETURNS_SMTP_URL": smtp_url} if smtp_url else {})
     log = base / "worker.log"
     worker = start_worker(worker_env, log, worker_type=worker_type, limit=limit, cwd=cwd)

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,20 @@ def test_the_in_process_worker_runs_a_storefront_request_on_a_thread_of_its_own(
         assert [w["status"] for w in workers] == ["ONLINE"]
 
 
+def test_a_scheduled_run_wakes_the_in_process_worker_long_before_its_timed_poll(
+        in_process: dict[str, str], tmp_path: Path) -> None:
+    with open_shop(tmp_path, in_process, poll=3600) as shop:
+        queue = "/work_pools/returns/queues/default"
+        deadline = time.monotonic() + 90
+        while shop.call("GET", queue).json()["last_polled"] is None:  # the first timed poll, at start, is done
+            assert shop.worker.poll() is None and time.monotonic() < deadline, shop.log.read_text()[-3000:]
+            time.sleep(0.1)
+        polled = shop.call("GET", queue).json()["last_polled"]
+        run = shop.wait(shop.request("IS-1001"))  # the next timed poll is an hour away: only the event can wake it
+        assert_authorized_with_label(shop, "IS-1001", run)
+        assert datetime_of(shop.call("GET", queue).json()["last_polled"]) > datetime_of(polled)
+
+
 def test_the_process_worker_runs_the_same_deployments_in_a_process_per_run(
         process_pool: dict[str, str], tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"  # the pull step, not the worker's directory, finds the entrypoints
@@ -188,3 +203,29 @@ def test_a_cancelled_run_ends_cancelled_and_the_worker_serves_on(in_process: dic
         assert run["state"]["type"] == "CANCELLED", run["state"]
         assert "cannot be interrupted" in run["state"]["message"]
         assert_authorized_with_label(shop, "IS-1002", shop.wait(shop.request("IS-1002")))
+
+
+def test_runs_on_our_threads_skip_prefects_suspension_observer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.flow_engine as engine
+
+    from entrypoints import worker
+
+    assert callable(getattr(engine, "observe_flow_run_suspension", None)), "Prefect renamed the observer: re-measure"
+    started: list[str] = []
+
+    @contextmanager
+    def observer(flow_run_id: str, request: object) -> Iterator[None]:
+        started.append(flow_run_id)
+        yield
+
+    monkeypatch.setattr(engine, "observe_flow_run_suspension", observer)
+    assert worker.guard_suspension_observer()
+    with engine.observe_flow_run_suspension("elsewhere", None):  # a run Prefect's own runner started
+        pass
+    marked = worker._ON_OUR_THREAD.set(True)
+    try:
+        with engine.observe_flow_run_suspension("ours", None):
+            pass
+    finally:
+        worker._ON_OUR_THREAD.reset(marked)
+    assert started == ["elsewhere"]
