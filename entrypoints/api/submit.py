@@ -146,9 +146,10 @@ class RunsHere:
         from entrypoints.worker import run_on_this_thread
 
         settings, client = self._ready()
+        flow_run = client.read_flow_run(run_id)
         # Only a run still waiting: the same key may have found a run that has finished, and Prefect lets a completed
         # run without a persisted result go back to Pending (a rerun), which is not ours to start.
-        if client.read_flow_run(run_id).state_type != StateType.SCHEDULED:
+        if flow_run.state_type != StateType.SCHEDULED:
             return
         starts = StateDetails(scheduled_time=datetime.now(UTC))  # now, not the fallback time it was created with
         claimed: Any = client.set_flow_run_state(run_id, Pending(state_details=starts))
@@ -156,7 +157,11 @@ class RunsHere:
             return  # the worker has it
         # Which process holds the run, where a worker writes its own (BaseWorker._mark_flow_run_as_submitted).
         client.update_flow_run(run_id, infrastructure_pid=HOLDER)
-        flow_run = client.read_flow_run(run_id)
+        # The run as read, with the state the claim set: what BaseWorker hands its `run` as well (it does not read the
+        # run again after its claim either); a third read would cost the server a request per storefront call.
+        flow_run = flow_run.model_copy(update={"state": claimed.state, "state_id": claimed.state.id,
+                                               "state_type": claimed.state.type, "state_name": claimed.state.name,
+                                               "infrastructure_pid": HOLDER})
         flow = self._flow(client, flow_run.deployment_id)
         with self._setup:
             self.ran += 1
