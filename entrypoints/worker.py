@@ -211,26 +211,42 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         """Poll the pool as soon as the server says a run was scheduled on it; the timed poll is the fallback."""
         # BaseWorker only polls on a timer (PREFECT_WORKER_QUERY_SECONDS): a short one makes a new run wait little
         # but costs the server a write per poll (at 0.1 s, ~0.2 of its core with nothing to do, measured), a long
-        # one makes every run wait. Prefect's own events say when to look: one poll per scheduled run, and the
-        # timer (5 s in `returns serve`) catches what a dropped websocket missed.
-        from prefect.events.clients import get_events_subscriber
-        from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+        # one makes every run wait. Prefect's own events say when to look; events that arrive while a poll is under
+        # way make one more poll, not one each (a burst of storefront requests). The timer (5 s in `returns serve`)
+        # finds the runs of schedules, which the server's scheduler inserts without events, and whatever a dropped
+        # websocket missed.
+        wake = anyio.Event()
 
-        while True:
-            try:
-                while self._work_pool is None:  # known after the first sync with the API
-                    await anyio.sleep(0.2)
-                pool = f"prefect.work-pool.{self._work_pool.id}"
-                scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED]),
-                                        related=EventRelatedFilter(resources_in_roles=[(pool, "work-pool")]))
-                async with get_events_subscriber(filter=scheduled) as events:
-                    async for _ in events:
-                        await self.get_and_submit_flow_runs()
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:  # noqa: BLE001 - the timed poll still serves; subscribe again shortly
-                self._logger.debug("event wake-up lost (%s); subscribing again", type(exc).__name__)
-                await anyio.sleep(5)
+        async def listen() -> None:
+            nonlocal wake
+            from prefect.events.clients import get_events_subscriber
+            from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+            while True:
+                try:
+                    while self._work_pool is None:  # known after the first sync with the API
+                        await anyio.sleep(0.2)
+                    pool = f"prefect.work-pool.{self._work_pool.id}"
+                    scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED]),
+                                            related=EventRelatedFilter(resources_in_roles=[(pool, "work-pool")]))
+                    async with get_events_subscriber(filter=scheduled) as events:
+                        async for _ in events:
+                            wake.set()
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the timed poll still serves; subscribe again shortly
+                    self._logger.debug("event wake-up lost (%s); subscribing again", type(exc).__name__)
+                    await anyio.sleep(5)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(listen)
+            while True:
+                await wake.wait()
+                wake = anyio.Event()
+                try:
+                    await self.get_and_submit_flow_runs()
+                except Exception as exc:  # noqa: BLE001 - as BaseWorker's own poll loop: the next one retries
+                    self._logger.debug("poll on a scheduled event failed (%s)", type(exc).__name__)
 
     async def run(self, flow_run: FlowRun, configuration: BaseJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> InProcessResult:
