@@ -157,7 +157,7 @@ def served(run: Run, through_api: bool = False) -> None:
         params = receipt_params(i, run.rmas[i], datetime.now(UTC))
         s = time.monotonic()
         run_id = client().create_run(RECEIPT_DEPLOYMENT, params, idempotency_key=f"receipt-{run.tag}-{i}")
-        if through_api:
+        if run.spec.get("dock_waits_on") == "database":
             # A dock does not watch its runs: the bench learns that the return is done from the returns database,
             # then reads the run (its notify step ends it) with the product's own backing-off poll, so that the
             # Prefect server is not also serving 20 polls a second per dock while it is measured.

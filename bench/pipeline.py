@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of sqlite,postgres (postgres skipped when 127.0.0.1:5432 does not answer)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent storefront clients in `served` (default 4)")
     ap.add_argument("--poll", type=float, default=0.05, help="client poll period for a run's state, s")
+    ap.add_argument("--dock-waits-on", choices=("prefect", "database"), default="prefect",
+                    help="how a dock learns its receipt is done: polling its run every --poll s, as the first "
+                         "build's bench did (default), or reading the returns database")
     ap.add_argument("--worker-poll", type=float, default=WORKER_POLL_SECONDS,
                     help=f"the worker's timed poll for scheduled runs, s (default {WORKER_POLL_SECONDS:g}, as "
                          "`returns serve`; it also polls when a run is scheduled)")
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             work = root / label
             work.mkdir(parents=True)
             spec = {"mode": mode, "prefect_db": db, "n": run_n, "clients": args.clients, "poll": args.poll,
+                    "dock_waits_on": args.dock_waits_on,
                     "worker_poll": args.worker_poll, "workers": args.workers, "timeout": args.timeout,
                     "workdir": str(work), "result_path": str(work / "result.json"),
                     "profile": args.profile, "profile_dir": str(RESULTS / f"profile-{stamp}"), "label": label,

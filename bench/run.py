@@ -54,6 +54,7 @@ class Run:
                                        "notes": list(spec.get("notes", []))}
         if self.mode in ("served", "api"):
             self.result["worker_poll"] = spec.get("worker_poll", WORKER_POLL_SECONDS)
+            self.result["dock_waits_on"] = spec.get("dock_waits_on", "prefect")
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.monitor: Monitor | None = None
