@@ -113,17 +113,13 @@ def run_on_this_thread(flow: Flow[..., Any], flow_run: FlowRun, settings: Settin
     marked = _ON_OUR_THREAD.set(True)
     try:
         with settings.model_copy():  # one context per thread: an entered one cannot be shared
-            return _run_flow(run_flow, flow, flow_run)
+            # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema
+            # check lets through) then fails the run with a message naming it, instead of raising before the engine
+            # has a state to record it in (a process worker's run crashes there).
+            return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,  # type: ignore[return-value]
+                            return_type="state")
     finally:
         _ON_OUR_THREAD.reset(marked)
-
-
-def _run_flow(run_flow: Any, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any]:
-    # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema check
-    # lets through) then fails the run with a message naming it, instead of raising before the engine has a
-    # state to record it in (a process worker's run crashes there).
-    return run_flow(flow, flow_run=flow_run, parameters=flow_run.parameters,  # type: ignore[no-any-return]
-                    return_type="state")
 
 
 _guarding = threading.Lock()
@@ -218,7 +214,6 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
         wake = anyio.Event()
 
         async def listen() -> None:
-            nonlocal wake
             from prefect.events.clients import get_events_subscriber
             from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
