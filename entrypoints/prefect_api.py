@@ -74,11 +74,13 @@ class PrefectApi:
         return {str(w["name"]) for w in r.json()}
 
     def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None,
-                   start_in: float = 0.0) -> str:
+                   start_in: float = 0.0, tags: list[str] | None = None) -> str:
         """POST /deployments/{id}/create_flow_run, scheduled `start_in` s from now; the same key, the same run."""
         body: dict[str, Any] = {"parameters": parameters}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
+        if tags:
+            body["tags"] = tags
         if start_in:
             at = datetime.now(UTC) + timedelta(seconds=start_in)
             body["state"] = {"type": "SCHEDULED", "name": "Scheduled",

@@ -147,6 +147,7 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
     assert run["deployment_id"] == served.prefect.deployment_id("request-return/storefront")
     run = served.prefect.wait(run["id"], timeout=90)  # the 201 comes once the label is written, the run ends after
     assert run["infrastructure_pid"].startswith("returns-api:"), run
+    assert "run-by-storefront-api" in run["tags"]  # its Scheduled event wakes no worker poll
     # created scheduled past the worker's prefetch (its fallback if the API dies), started by the claim before that
     states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
     (fallback,) = [st["state_details"]["scheduled_time"] for st in states if st["type"] == "SCHEDULED"]

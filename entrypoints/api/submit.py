@@ -249,9 +249,12 @@ class ThroughPrefect:
         if run_id is None:
             parameters = dict(accepted.parameters)
             here = self.here if self.here is not None and self.here.reserve() else None
+            from entrypoints.worker import CLAIMED_BY_CREATOR  # Prefect is imported once a run is created
+
             try:
                 run_id = self.api.create_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
-                                             start_in=RunsHere.FALLBACK if here else 0.0)
+                                             start_in=RunsHere.FALLBACK if here else 0.0,
+                                             tags=[CLAIMED_BY_CREATOR] if here else None)
             except BaseException:
                 if here:
                     here.release()
