@@ -33,6 +33,7 @@ from bench.measure import PG_DB, PG_URL, Monitor, free_port, pg_backend_pids, re
 from bench.pipeline import RESULTS
 from bench.report import code_version, machine
 from bench.workload import request_params, synthetic_catalog
+from entrypoints.api.config import RUN_THREADS
 
 
 def timed(calls: list[Any], clients: int) -> list[float]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=16, help="requests per client count and path (at least 4 x clients)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--quotes", type=int, default=50, help="quotes per client count")
-    ap.add_argument("--run-threads", type=int, default=4,
+    ap.add_argument("--run-threads", type=int, default=RUN_THREADS,
                     help="request runs the API runs itself (RETURNS_API_RUN_THREADS)")
     ap.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite",
                     help="the local Prefect server's database (postgres: a fresh database on 127.0.0.1:5432)")

@@ -272,7 +272,7 @@ def test_the_openapi_document_and_its_pages(shop: Storefront) -> None:
     assert httpx.get(f"{shop.url}/docs").status_code == 200
 
 
-@pytest.mark.parametrize(("value", "threads"), [("", 4), ("0", 0), ("8", 8)])
+@pytest.mark.parametrize(("value", "threads"), [("", 8), ("0", 0), ("4", 4)])
 def test_the_request_run_threads_come_from_the_environment(tmp_path: Path, value: str, threads: int) -> None:
     env = {"RETURNS_SESSION_SECRET": "s"} | ({"RETURNS_API_RUN_THREADS": value} if value else {})
     assert ApiConfig.from_env(tmp_path, env).run_threads == threads

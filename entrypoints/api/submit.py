@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from adapters.label.layout import label_path
+from entrypoints.api.config import RUN_THREADS
 from entrypoints.prefect_api import FINAL, PrefectApi, RunFailed
 from entrypoints.verbs import DEPLOYMENTS
 from service import stages
@@ -221,7 +222,8 @@ class ThroughPrefect:
     here: RunsHere | None = field(default=None)
 
     @classmethod
-    def over(cls, api: PrefectApi, pipeline: Pipeline, patience: float = 10.0, threads: int = 4) -> ThroughPrefect:
+    def over(cls, api: PrefectApi, pipeline: Pipeline, patience: float = 10.0,
+             threads: int = RUN_THREADS) -> ThroughPrefect:
         """A submitter on its own client of `api` that gives up on a busy Prefect server after `patience` s (the
         storefront then hears 503 and retries with the same key) instead of holding its call for minutes; it runs
         up to `threads` request runs itself (0: the worker runs them all)."""
