@@ -158,8 +158,8 @@ class RunsHere:
             return  # the worker has it
         # Which process holds the run, where a worker writes its own (BaseWorker._mark_flow_run_as_submitted).
         client.update_flow_run(run_id, infrastructure_pid=HOLDER)
-        # The run as read, with the state the claim set: what BaseWorker hands its `run` as well (it does not read the
-        # run again after its claim either); a third read would cost the server a request per storefront call.
+        # The run as read, with the state the claim set: BaseWorker too hands its `run` the run it read before its
+        # claim. Reading it again would cost the server a request per storefront call.
         flow_run = flow_run.model_copy(update={"state": claimed.state, "state_id": claimed.state.id,
                                                "state_type": claimed.state.type, "state_name": claimed.state.name,
                                                "infrastructure_pid": HOLDER})
