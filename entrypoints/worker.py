@@ -32,7 +32,7 @@ from adapters.redact import install_redaction
 if TYPE_CHECKING:
     from prefect import Flow
     from prefect.client.schemas.objects import FlowRun, State
-    from prefect.context import SettingsContext
+    from prefect.context import SettingsContext, SyncClientContext
 
 DEFAULT_LIMIT = 4  # flow-run threads when `--limit` is not given: threads share one process and one database
 SCHEDULED = "prefect.flow-run.Scheduled"  # the server's event for a run created (or rescheduled) on a pool
@@ -116,7 +116,8 @@ def run_on_this_thread(flow: Flow[..., Any], flow_run: FlowRun, settings: Settin
     guard_suspension_observer()
     marked = _ON_OUR_THREAD.set(True)
     try:
-        with settings.model_copy():  # one context per thread: an entered one cannot be shared
+        # One context per thread and run: an entered one cannot be shared.
+        with settings.model_copy(), _thread_client(settings).model_copy():
             # The parameters handed in, not bound by run_flow beforehand: an unknown key (which the API's schema
             # check lets through) then fails the run with a message naming it, instead of raising before the engine
             # has a state to record it in (a process worker's run crashes there).
@@ -124,6 +125,28 @@ def run_on_this_thread(flow: Flow[..., Any], flow_run: FlowRun, settings: Settin
                             return_type="state")
     finally:
         _ON_OUR_THREAD.reset(marked)
+
+
+_kept = threading.local()
+
+
+def _thread_client(settings: SettingsContext) -> SyncClientContext:
+    """This thread's Prefect client context for `settings`' API, its client open for every run on the thread."""
+    # The engine takes the client of an entered SyncClientContext and builds one only when there is none: a new
+    # client per run cost ~15-25 ms of CPU, most of it loading the CA bundle into a fresh SSL context
+    # (ssl.create_default_context, even for http://), measured with py-spy in the API's run threads
+    # (docs/benchmarks.md). A copy entered per run sets the context and leaves the kept client open (its client
+    # is re-entrant); the connection to the server is reused too.
+    from prefect.context import SyncClientContext
+
+    api = settings.settings.api.url
+    kept: SyncClientContext | None = getattr(_kept, "client", None)
+    if kept is None or getattr(_kept, "api", None) != api:
+        with settings.model_copy():
+            kept = SyncClientContext()
+            kept.client.__enter__()  # held open for the thread's life; its sockets close with it
+        _kept.client, _kept.api = kept, api
+    return kept
 
 
 _guarding = threading.Lock()

@@ -249,3 +249,34 @@ def test_runs_on_our_threads_skip_prefects_suspension_observer(monkeypatch: pyte
     finally:
         worker._ON_OUR_THREAD.reset(marked)
     assert started == ["elsewhere"]
+
+
+def test_runs_on_one_thread_share_one_prefect_client(prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.states import Pending
+
+    from entrypoints import worker
+
+    @flow(name="kept-client-ping", persist_result=False)
+    def ping(n: int) -> int:
+        return n
+
+    with get_client(sync_client=True) as client:
+        runs = [client.create_flow_run(ping, parameters={"n": n}, state=Pending()) for n in (1, 2, 3)]
+    built: list[SyncPrefectClient] = []
+    init = SyncPrefectClient.__init__
+
+    def counted(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncPrefectClient, "__init__", counted)
+    settings = worker.quiet_settings()
+    states: list[Any] = []
+    thread = threading.Thread(target=lambda: states.extend(worker.run_on_this_thread(ping, run, settings)
+                                                           for run in runs))
+    thread.start()
+    thread.join(120)
+    assert [s.type.value for s in states] == ["COMPLETED"] * 3
+    assert len(built) == 1, f"{len(built)} Prefect clients for 3 runs on one thread"
