@@ -75,13 +75,23 @@ class PrefectApi:
 
     def create_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None,
                    start_in: float = 0.0, tags: list[str] | None = None) -> str:
-        """POST /deployments/{id}/create_flow_run, scheduled `start_in` s from now; the same key, the same run."""
+        """A run of the deployment scheduled `start_in` s from now; the same key, the same run. Its id."""
+        run, _ = self.new_run(deployment, parameters, idempotency_key, start_in=start_in, tags=tags)
+        return str(run["id"])
+
+    def new_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str | None = None, *,
+                start_in: float = 0.0, tags: list[str] | None = None, pending: bool = False,
+                ) -> tuple[dict[str, Any], bool]:
+        """POST /deployments/{id}/create_flow_run (Pending when `pending`, else scheduled `start_in` s from now):
+        the run as the server answered, and whether this call made it (False: an earlier call with the key did)."""
         body: dict[str, Any] = {"parameters": parameters}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
         if tags:
             body["tags"] = tags
-        if start_in:
+        if pending:
+            body["state"] = {"type": "PENDING", "name": "Pending"}
+        elif start_in:
             at = datetime.now(UTC) + timedelta(seconds=start_in)
             body["state"] = {"type": "SCHEDULED", "name": "Scheduled",
                              "state_details": {"scheduled_time": at.isoformat()}}
@@ -89,7 +99,7 @@ class PrefectApi:
         if r.status_code == 409:
             raise PermanentError(f"refused by the Prefect API: {str(r.json().get('detail', r.text))[:300]}")
         r.raise_for_status()
-        return str(r.json()["id"])
+        return dict(r.json()), r.status_code == 201
 
     def run_state(self, run_id: str) -> tuple[str, str]:
         """The run's state type (SCHEDULED, RUNNING, COMPLETED, FAILED, ...) and its message."""

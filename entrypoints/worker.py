@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 
 DEFAULT_LIMIT = 4  # flow-run threads when `--limit` is not given: threads share one process and one database
 SCHEDULED = "prefect.flow-run.Scheduled"  # the server's event for a run created (or rescheduled) on a pool
-# A run its creator claims and runs itself (the storefront API, entrypoints/api/submit.py), created scheduled past
-# the prefetch: its Scheduled event wakes no poll, which would find nothing (a poll costs the server ~30 ms of CPU,
-# measured). The worker still takes it at its scheduled time, by the timed poll, if the creator never claimed it.
-CLAIMED_BY_CREATOR = "run-by-storefront-api"
 _ON_OUR_THREAD = contextvars.ContextVar("returns_flow_run_on_our_thread", default=False)
 
 
@@ -251,11 +247,9 @@ class ReturnsInProcessWorker(BaseWorker[BaseJobConfiguration, Any, InProcessResu
                     pool = f"prefect.work-pool.{self._work_pool.id}"
                     scheduled = EventFilter(event=EventNameFilter(name=[SCHEDULED]),
                                             related=EventRelatedFilter(resources_in_roles=[(pool, "work-pool")]))
-                    claimed = f"prefect.tag.{CLAIMED_BY_CREATOR}"
                     async with get_events_subscriber(filter=scheduled) as events:
-                        async for event in events:
-                            if not any(r.id == claimed for r in event.related):
-                                wake.set()
+                        async for _ in events:
+                            wake.set()
                 except anyio.get_cancelled_exc_class():
                     raise
                 except Exception as exc:  # noqa: BLE001 - the timed poll still serves; subscribe again shortly

@@ -97,19 +97,17 @@ class Shop:
         return dict(r.json())
 
     def create(self, name: str, parameters: dict[str, Any], idempotency_key: str | None = None,
-               start: str | None = None, tags: list[str] | None = None) -> httpx.Response:
+               start: str | None = None) -> httpx.Response:
         body: dict[str, Any] = {"parameters": parameters}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
-        if tags:
-            body["tags"] = tags
         if start:  # scheduled for then: no worker takes it before
             body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": start}}
         return self.call("POST", f"/deployments/{self.deployment(name)['id']}/create_flow_run", json=body)
 
-    def request(self, order: str, tags: list[str] | None = None) -> str:
+    def request(self, order: str) -> str:
         """A storefront's request for `order` (the sample's); the flow run's id."""
-        created = self.create("request-return/storefront", REQUESTS[order], tags=tags)
+        created = self.create("request-return/storefront", REQUESTS[order])
         assert created.status_code == 201, created.text
         return str(created.json()["id"])
 

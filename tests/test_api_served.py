@@ -147,11 +147,10 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
     assert run["deployment_id"] == served.prefect.deployment_id("request-return/storefront")
     run = served.prefect.wait(run["id"], timeout=90)  # the 201 comes once the label is written, the run ends after
     assert run["infrastructure_pid"].startswith("returns-api:"), run
-    assert "run-by-storefront-api" in run["tags"]  # its Scheduled event wakes no worker poll
-    # created scheduled past the worker's prefetch (its fallback if the API dies), started by the claim before that
+    assert "run-by-storefront-api" in run["tags"]  # what hand_back_orphans looks for
+    # created already claimed (Pending): never Scheduled, so no worker poll could take it
     states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
-    (fallback,) = [st["state_details"]["scheduled_time"] for st in states if st["type"] == "SCHEDULED"]
-    assert datetime.fromisoformat(run["start_time"]) < datetime.fromisoformat(fallback), (run, states)
+    assert [st["type"] for st in sorted(states, key=lambda st: st["timestamp"])] == ["PENDING", "RUNNING", "COMPLETED"]
     stages, deadline = {"store-decision", "render-label", "notify"}, time.monotonic() + 30
     while True:  # the server records task runs from their events in batches, flushed every second
         tasks = served.prefect._call("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}})
@@ -169,18 +168,16 @@ def test_quote_then_request_201_with_rma_and_label_then_replay_and_reuse(served:
 
 
 def test_the_api_never_starts_a_request_run_again_once_it_has_finished(served: Served) -> None:
-    """A late call with the same key finds the finished run; Prefect would let it go back to Pending (a rerun)."""
+    """A late call with the same key finds the finished run (200, not 201) and leaves it alone."""
     from entrypoints.api.submit import RunsHere
 
     (run,) = [r for r in flow_runs(served) if r["name"] == "request-IS-1001"]
     assert served.prefect.wait(run["id"], timeout=90)["state"]["type"] == "COMPLETED"
-    here = RunsHere(served.prefect.api_url, threads=1)
-    assert here.reserve()
-    here.start(run["id"])
-    here.close()
+    again, made = served.prefect.new_run("request-return/storefront", run["parameters"], run["idempotency_key"],
+                                         pending=True, tags=[RunsHere.TAG])
+    assert (again["id"], made, again["state"]["type"]) == (run["id"], False, "COMPLETED")
     states = served.prefect._call("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
-    assert here.ran == 0 and [st["type"] for st in states].count("PENDING") == 1, states
-    assert served.prefect.run_state(run["id"])[0] == "COMPLETED"
+    assert [st["type"] for st in states].count("PENDING") == 1, states
 
 
 def test_a_request_run_an_api_process_died_holding_goes_back_to_the_worker(served: Served) -> None:
@@ -197,14 +194,21 @@ def test_a_request_run_an_api_process_died_holding_goes_back_to_the_worker(serve
     assert claimed.json()["status"] == "ACCEPT", claimed.text
     served.prefect._call("PATCH", f"/flow_runs/{run_id}",
                          json={"infrastructure_pid": f"returns-api:{socket.gethostname()}:{gone.pid}"})
+    # and one its creator made already claimed but died before marking as its own (no holder), a minute ago
+    unmarked, made = served.prefect.new_run("request-return/storefront", done["parameters"], "unmarked-test",
+                                            pending=True, tags=[RunsHere.TAG])
+    assert made
     here = RunsHere(served.prefect.api_url, threads=1)
+    here.UNMARKED_AFTER = 0.0  # rather than waiting a minute
     try:
-        assert [str(r) for r in here.hand_back_orphans(UUID(done["deployment_id"]))] == [run_id]
-        assert here.hand_back_orphans(UUID(done["deployment_id"])) == []  # the worker has it now, or soon
+        handed = here.hand_back_orphans(UUID(done["deployment_id"]))
+        assert sorted(str(r) for r in handed) == sorted([run_id, unmarked["id"]])
+        assert here.hand_back_orphans(UUID(done["deployment_id"])) == []  # the worker has them now, or soon
     finally:
         here.close()
-    run = served.prefect.wait(run_id, timeout=90)  # the same request again: its steps find it decided
-    assert not run["infrastructure_pid"].startswith("returns-api:"), run
+    for orphan in (run_id, unmarked["id"]):
+        run = served.prefect.wait(orphan, timeout=90)  # the same request again: its steps find it decided
+        assert not (run["infrastructure_pid"] or "").startswith("returns-api:"), run
 
 
 def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:

@@ -19,7 +19,6 @@ from smtp_server import Inbox, SmtpServer
 
 from adapters.label.layout import label_path
 from entrypoints.prefect_server import IN_PROCESS
-from entrypoints.worker import CLAIMED_BY_CREATOR
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
@@ -129,25 +128,6 @@ def test_a_scheduled_run_wakes_the_in_process_worker_long_before_its_timed_poll(
         run = shop.wait(shop.request("IS-1001"))  # the next timed poll is an hour away: only the event can wake it
         assert_authorized_with_label(shop, "IS-1001", run)
         assert datetime_of(shop.call("GET", queue).json()["last_polled"]) > datetime_of(polled)
-
-
-def test_a_run_its_creator_claims_wakes_no_poll_and_is_still_the_workers_at_its_time(
-        in_process: dict[str, str], tmp_path: Path) -> None:
-    with open_shop(tmp_path, in_process, poll=3600) as shop:
-        queue = "/work_pools/returns/queues/default"
-        deadline = time.monotonic() + 90
-        while shop.call("GET", queue).json()["last_polled"] is None:
-            assert shop.worker.poll() is None and time.monotonic() < deadline, shop.log.read_text()[-3000:]
-            time.sleep(0.1)
-        time.sleep(2)  # the wake-up's subscription is open (its own test shows a run created now wakes it)
-        polled = shop.call("GET", queue).json()["last_polled"]
-        claimed = shop.request("IS-1001", tags=[CLAIMED_BY_CREATOR])  # due now, but its creator would run it
-        time.sleep(3)
-        assert shop.call("GET", queue).json()["last_polled"] == polled, "a claimed-by-creator run woke a poll"
-        assert shop.run(claimed)["state"]["type"] == "SCHEDULED"
-        other = shop.request("IS-1002")  # an ordinary run wakes the poll, which finds both (the creator never came)
-        assert_authorized_with_label(shop, "IS-1002", shop.wait(other))
-        assert_authorized_with_label(shop, "IS-1001", shop.wait(claimed))
 
 
 def test_the_process_worker_runs_the_same_deployments_in_a_process_per_run(

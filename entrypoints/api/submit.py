@@ -67,17 +67,18 @@ class InProcess:
 
 
 class RunsHere:
-    """Claims a storefront's new request run as a worker does (Scheduled -> Pending) and runs it on a thread of the
-    API's process, up to `threads` at once; beyond them, the worker runs it."""
+    """Runs a storefront's request run that the API created already claimed (Pending, tagged TAG) on a thread of
+    the API's process, up to `threads` at once; beyond them, the run is created Scheduled and the worker runs it."""
 
-    # The storefront waits for this run: a worker costs it a poll (0.1 s) and its claim and submission (~0.4 s
-    # measured) before the engine starts. The run is still the deployment's run, with its task runs, artifacts and
-    # events. It is created scheduled FALLBACK s ahead, past the worker's prefetch (10 s), so the worker does not
-    # race the claim and takes the run if this process dies before claiming it; the claim's Pending carries the
-    # claim time, which Prefect's CopyScheduledTime rule keeps over the scheduled one, so it starts at once. A run
-    # this process dies holding goes back to the worker when the next API process of the host starts
-    # (hand_back_orphans).
-    FALLBACK = 30.0
+    # The storefront waits for this run: a worker costs it a poll and its claim and submission (~0.4 s measured)
+    # before the engine starts, and a run created Scheduled and then claimed costs the server a read and a state
+    # transition more (~30 ms of its CPU, measured). The run is still the deployment's run, with its task runs,
+    # artifacts and events. Only the call that made the run (201, not an earlier call's run under the same key)
+    # runs it. A run this process dies holding, or dies before marking as its own, goes back to the worker when the
+    # next API process of the host starts (hand_back_orphans); the returns database's sweep re-drives the request
+    # meanwhile if it must.
+    TAG = "run-by-storefront-api"
+    UNMARKED_AFTER = 60.0  # s: a tagged Pending run with no holder this old was never started by its creator
 
     def __init__(self, api_url: str, threads: int = 4) -> None:
         self.api_url = api_url
@@ -87,18 +88,32 @@ class RunsHere:
         self._settings: SettingsContext | None = None
         self._client: Any = None
         self._setup = threading.Lock()
-        self.ran = 0  # runs claimed and run here (the benchmark reports how many the worker took instead)
+        self._running: set[str] = set()
+        self.ran = 0  # runs run here (the benchmark reports how many the worker took instead)
 
     def reserve(self) -> bool:
         """Hold a thread for a run about to be created; False if every thread is busy."""
         return self._free.acquire(blocking=False)
 
-    def start(self, run_id: str) -> None:
-        """Claim and run `run_id` on the reserved thread, in the background."""
-        try:
-            self._pool.submit(self._claim_and_run, run_id)
-        except RuntimeError:  # shutting down: the worker takes the run at its scheduled time
+    def start(self, run: dict[str, Any]) -> None:
+        """Run `run` (as the server answered its creation, Pending) on the reserved thread, in the background."""
+        run_id = str(run["id"])
+        with self._setup:
+            # Two calls with one key at the same instant may both hear 201 (Prefect compares the run's creation
+            # time with the call's start); in one process only the first runs it. Across processes the steps'
+            # idempotency keeps one return, one label and one email.
+            twin = run_id in self._running
+            self._running.add(run_id)
+        if twin:
             self._free.release()
+            return
+        try:
+            self._pool.submit(self._run_here, run)
+        except RuntimeError:  # shutting down: hand it to the worker now rather than at the next start
+            with self._setup:
+                self._running.discard(run_id)
+            self._free.release()
+            self._hand_back([UUID(run_id)])
 
     def release(self) -> None:
         """Give back a reserved thread that got no run."""
@@ -111,8 +126,9 @@ class RunsHere:
             self._client.__exit__(None, None, None)
 
     def hand_back_orphans(self, deployment_id: UUID) -> list[UUID]:
-        """Runs of the deployment that an API process of this host claimed and then died holding, Scheduled again
-        for the worker; their steps are idempotent, so a run that had begun starts over safely."""
+        """Runs of the deployment that an API process of this host died holding, or that their creator never
+        marked as its own, Scheduled again for the worker; their steps are idempotent, so a run that had begun
+        starts over safely."""
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterDeploymentId,
@@ -120,50 +136,51 @@ class RunsHere:
             FlowRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
-        from prefect.states import Scheduled
 
         _, client = self._ready()
         held = client.read_flow_runs(limit=200, flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))))
-        handed = [run.id for run in held if _orphaned(run.infrastructure_pid)]
-        for run_id in handed:
-            client.set_flow_run_state(run_id, Scheduled(), force=True)
+        now = datetime.now(UTC)
+        handed = [run.id for run in held if _orphaned(run.infrastructure_pid) or (
+            not run.infrastructure_pid and self.TAG in run.tags and run.state_type == StateType.PENDING
+            and run.created is not None and (now - run.created).total_seconds() > self.UNMARKED_AFTER)]
+        self._hand_back(handed)
         return handed
 
-    def _claim_and_run(self, run_id: str) -> None:
+    def _hand_back(self, run_ids: list[UUID]) -> None:
+        """Schedule the runs again, for the worker to take now."""
+        from prefect.states import Scheduled
+
+        _, client = self._ready()
+        for run_id in run_ids:
+            client.set_flow_run_state(run_id, Scheduled(), force=True)
+
+    def _run_here(self, run: dict[str, Any]) -> None:
         try:
-            self._run(UUID(run_id))
+            self._run(run)
         except Exception as exc:  # noqa: BLE001 - the engine recorded what it could; the storefront sees the state
-            log.warning("request run %s ended here with %s", run_id, type(exc).__name__)
+            log.warning("request run %s ended here with %s", run.get("id"), type(exc).__name__)
         finally:
+            with self._setup:
+                self._running.discard(str(run.get("id")))
             self._free.release()
 
-    def _run(self, run_id: UUID) -> None:
-        from prefect.client.schemas.objects import StateDetails, StateType
-        from prefect.client.schemas.responses import SetStateStatus
-        from prefect.states import Pending
+    def _run(self, run: dict[str, Any]) -> None:
+        from prefect.client.schemas.objects import FlowRun
 
         from entrypoints.worker import run_on_this_thread
 
         settings, client = self._ready()
-        flow_run = client.read_flow_run(run_id)
-        # Only a run still waiting: the same key may have found a run that has finished, and Prefect lets a completed
-        # run without a persisted result go back to Pending (a rerun), which is not ours to start.
-        if flow_run.state_type != StateType.SCHEDULED:
-            return
-        starts = StateDetails(scheduled_time=datetime.now(UTC))  # now, not the fallback time it was created with
-        claimed: Any = client.set_flow_run_state(run_id, Pending(state_details=starts))
-        if claimed.status != SetStateStatus.ACCEPT:
-            return  # the worker has it
-        # Which process holds the run, where a worker writes its own (BaseWorker._mark_flow_run_as_submitted).
-        client.update_flow_run(run_id, infrastructure_pid=HOLDER)
-        # The run as read, with the state the claim set: BaseWorker too hands its `run` the run it read before its
-        # claim. Reading it again would cost the server a request per storefront call.
-        flow_run = flow_run.model_copy(update={"state": claimed.state, "state_id": claimed.state.id,
-                                               "state_type": claimed.state.type, "state_name": claimed.state.name,
-                                               "infrastructure_pid": HOLDER})
-        flow = self._flow(client, flow_run.deployment_id)
+        flow_run = FlowRun.model_validate(run)  # as created: reading it back would cost the server a request
+        try:
+            # Which process holds the run, where a worker writes its own (BaseWorker._mark_flow_run_as_submitted).
+            client.update_flow_run(flow_run.id, infrastructure_pid=HOLDER)
+            flow = self._flow(client, flow_run.deployment_id)
+        except Exception:
+            self._hand_back([flow_run.id])  # not started here: the worker's to run
+            raise
+        flow_run = flow_run.model_copy(update={"infrastructure_pid": HOLDER})
         with self._setup:
             self.ran += 1
         run_on_this_thread(flow, flow_run, settings)
@@ -251,18 +268,19 @@ class ThroughPrefect:
         if run_id is None:
             parameters = dict(accepted.parameters)
             here = self.here if self.here is not None and self.here.reserve() else None
-            from entrypoints.worker import CLAIMED_BY_CREATOR  # Prefect is imported once a run is created
-
             try:
-                run_id = self.api.create_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
-                                             start_in=RunsHere.FALLBACK if here else 0.0,
-                                             tags=[CLAIMED_BY_CREATOR] if here else None)
+                run, made = self.api.new_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
+                                             pending=here is not None, tags=[RunsHere.TAG] if here else None)
             except BaseException:
                 if here:
                     here.release()
                 raise
-            if here:
-                here.start(run_id)
+            run_id = str(run["id"])
+            untouched = (run.get("state") or {}).get("type") == "PENDING" and not run.get("infrastructure_pid")
+            if here and made and untouched:
+                here.start(run)
+            elif here:  # an earlier call with this key made the run, and runs it (or ran it)
+                here.release()
             self.pipeline.request_started(accepted.reference, run_id)
         deadline = time.monotonic() + wait
         next_state = time.monotonic() + self.state_every
