@@ -72,11 +72,11 @@ class RunsHere:
 
     # The storefront waits for this run: a worker costs it a poll and its claim and submission (~0.4 s measured)
     # before the engine starts, and a run created Scheduled and then claimed costs the server a read and a state
-    # transition more (~30 ms of its CPU, measured). The run is still the deployment's run, with its task runs,
-    # artifacts and events. Only the call that made the run (201, not an earlier call's run under the same key)
-    # runs it. A run this process dies holding, or dies before marking as its own, goes back to the worker when the
-    # next API process of the host starts (hand_back_orphans); the returns database's sweep re-drives the request
-    # meanwhile if it must.
+    # transition more (~20 ms of its and PostgreSQL's CPU per run, measured: docs/benchmarks.md). The run is still
+    # the deployment's run, with its task runs, artifacts and events. Only the call that made the run (201, not an
+    # earlier call's run under the same key) runs it. A run this process dies holding, or dies before marking as
+    # its own, goes back to the worker when the next API process of the host starts (hand_back_orphans); the
+    # returns database's sweep re-drives the request meanwhile if it must.
     TAG = "run-by-storefront-api"
     UNMARKED_AFTER = 60.0  # s: a tagged Pending run with no holder this old was never started by its creator
 
