@@ -59,8 +59,13 @@ def child_main(spec_path: str) -> int:
 
 
 def profiled_server_main(out: str, argv: list[str]) -> int:
-    """`prefect <argv>` under cProfile; the profile is written when the server shuts down (SIGTERM)."""
+    """`prefect <argv>` under cProfile, as start_server runs it; the profile is written when the server shuts down
+    (SIGTERM)."""
     import cProfile
+
+    from entrypoints.prefect_server import stdlib_timestamps
+
+    stdlib_timestamps()
 
     sys.argv = ["prefect", *argv]
     prof = cProfile.Profile()
