@@ -211,6 +211,20 @@ def test_a_request_run_an_api_process_died_holding_goes_back_to_the_worker(serve
         assert not (run["infrastructure_pid"] or "").startswith("returns-api:"), run
 
 
+def test_parameters_the_server_did_not_check_are_still_checked_when_the_run_starts(served: Served) -> None:
+    """The API's runs skip the server's schema check (`checked`): the engine's own check fails a bad one, with
+    the parameter named, and the server refuses the same parameters when it does check them."""
+    from entrypoints.prefect_api import PermanentError, RunFailed
+
+    bad = {"order_number": "IS-9999", "reason": "no-such-reason", "lines": []}
+    run, made = served.prefect.new_run("request-return/storefront", bad, "unchecked-test", checked=True)
+    assert made
+    with pytest.raises(RunFailed, match="reason"):
+        served.prefect.wait(run["id"], timeout=90)
+    with pytest.raises(PermanentError, match="no-such-reason"):
+        served.prefect.new_run("request-return/storefront", bad, "checked-test")
+
+
 def test_a_short_wait_answers_202_then_the_status_url_has_the_decision(served: Served) -> None:
     r = served.ask("IS-1004", "served-1004", wait="0")
     assert r.status_code == 202, r.text

@@ -270,7 +270,8 @@ class ThroughPrefect:
             here = self.here if self.here is not None and self.here.reserve() else None
             try:
                 run, made = self.api.new_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
-                                             pending=here is not None, tags=[RunsHere.TAG] if here else None)
+                                             pending=here is not None, tags=[RunsHere.TAG] if here else None,
+                                             checked=True)
             except BaseException:
                 if here:
                     here.release()
