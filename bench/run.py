@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.measure import (
     PG_DB,
     PG_URL,
@@ -116,11 +118,12 @@ class Run:
         proc = subprocess.Popen([sys.executable, "-m", "bench.pipeline", "_profiled_server", str(self.server_profile),
                                  "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while not api_healthy(self.api_url):
-            self.deadline.check("starting the Prefect server")
-            if proc.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited ({proc.returncode})")
-            time.sleep(0.3)
+        with httpx.Client() as http:
+            while not api_healthy(self.api_url, http=http):
+                self.deadline.check("starting the Prefect server")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the Prefect server exited ({proc.returncode})")
+                time.sleep(0.3)
         return proc
 
     def register_pid(self, pid: int) -> None:
