@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ def test_postgres_timestamps_are_bound_as_equal_plain_datetimes(monkeypatch: pyt
 def prefect_database() -> Iterator[str]:
     """A fresh PostgreSQL database for one Prefect server (dropped afterwards), as its asyncpg URL."""
     if not PG_AVAILABLE:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     name = f"prefect_t_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
