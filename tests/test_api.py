@@ -284,3 +284,44 @@ def test_a_bad_request_run_threads_is_a_clear_error(tmp_path: Path, value: str) 
 
     with pytest.raises(InvalidInput, match="RETURNS_API_RUN_THREADS must be a whole number from 0 to 64"):
         ApiConfig.from_env(tmp_path, {"RETURNS_SESSION_SECRET": "s", "RETURNS_API_RUN_THREADS": value})
+
+
+def test_a_request_queues_for_a_busy_run_thread_within_its_wait_rather_than_going_to_the_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run thread busy: a call that waits gets the next free one (its run is created claimed, for this
+    process); a call that waits for nothing, or finds no thread within its wait, hands its run to the worker."""
+    from types import SimpleNamespace
+
+    from entrypoints.api.submit import RunsHere, ThroughPrefect
+
+    here = RunsHere("http://127.0.0.1:9/api", threads=1)
+    started: list[str] = []
+    monkeypatch.setattr(here, "start", lambda run: started.append(run["id"]))  # holds its thread: no engine here
+    made: list[tuple[str, bool]] = []
+
+    class Prefect:
+        def new_run(self, deployment: str, parameters: dict[str, Any], idempotency_key: str, *, pending: bool,
+                    tags: list[str] | None, checked: bool) -> tuple[dict[str, Any], bool]:
+            made.append((idempotency_key, pending))
+            return {"id": f"run-{len(made)}", "state": {"type": "PENDING" if pending else "SCHEDULED"}}, True
+
+    class Shop:
+        def request_started(self, reference: str, run_id: str) -> None:
+            pass
+
+        def decided_request(self, accepted: Any) -> Any:
+            return SimpleNamespace(authorized=False, rma_number=None)  # decided at once: the call returns
+
+    submitter = ThroughPrefect(Prefect(), Shop(), here=here)  # type: ignore[arg-type]
+
+    def call(key: str, wait: float) -> None:
+        submitter.submit(SimpleNamespace(flow_run_id=None, parameters={}, reference=key), key, wait)  # type: ignore[arg-type]
+
+    assert here.reserve()  # the one thread, busy with an earlier run
+    threading.Timer(0.2, here.release).start()  # ... which ends while the next call waits
+    call("waits", wait=30)
+    call("waits-for-nothing", wait=0)
+    call("finds-none-in-its-wait", wait=0.3)
+    assert made == [("waits", True), ("waits-for-nothing", False), ("finds-none-in-its-wait", False)]
+    assert started == ["run-1"]
+    here.close()

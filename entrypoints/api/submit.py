@@ -68,7 +68,8 @@ class InProcess:
 
 class RunsHere:
     """Runs a storefront's request run that the API created already claimed (Pending, tagged TAG) on a thread of
-    the API's process, up to `threads` at once; beyond them, the run is created Scheduled and the worker runs it."""
+    the API's process, up to `threads` at once; a call finding none free waits for one within its own wait, and
+    beyond that the run is created Scheduled and the worker runs it."""
 
     # The storefront waits for this run: a worker costs it a poll and its claim and submission (~0.4 s measured)
     # before the engine starts, and a run created Scheduled and then claimed costs the server a read and a state
@@ -91,9 +92,13 @@ class RunsHere:
         self._running: set[str] = set()
         self.ran = 0  # runs run here (the benchmark reports how many the worker took instead)
 
-    def reserve(self) -> bool:
-        """Hold a thread for a run about to be created; False if every thread is busy."""
-        return self._free.acquire(blocking=False)
+    def reserve(self, wait: float = 0.0) -> bool:
+        """Hold a thread for a run about to be created, waiting up to `wait` s for one; False if none came free."""
+        # A run here frees its thread in under a second, and the worker's path costs the storefront more time and
+        # the server more CPU (a poll, a claim and a submission: ~130 ms per run, measured under bench.api); so a
+        # call whose storefront is waiting anyway queues for a thread, and only a call that waits for none
+        # (wait=0), or finds none in its whole wait, hands the run to the worker.
+        return self._free.acquire(timeout=wait) if wait > 0 else self._free.acquire(blocking=False)
 
     def start(self, run: dict[str, Any]) -> None:
         """Run `run` (as the server answered its creation, Pending) on the reserved thread, in the background."""
@@ -264,10 +269,11 @@ class ThroughPrefect:
         self.api.create_run(DEPLOYMENTS["process"], {"rma": rma, "by": API.name}, idempotency_key=run_key)
 
     def submit(self, accepted: Accepted, run_key: str, wait: float) -> Decided | None:
+        deadline = time.monotonic() + wait
         run_id = accepted.flow_run_id
         if run_id is None:
             parameters = dict(accepted.parameters)
-            here = self.here if self.here is not None and self.here.reserve() else None
+            here = self.here if self.here is not None and self.here.reserve(wait) else None
             try:
                 run, made = self.api.new_run(DEPLOYMENTS["request"], parameters, idempotency_key=run_key,
                                              pending=here is not None, tags=[RunsHere.TAG] if here else None,
@@ -283,7 +289,6 @@ class ThroughPrefect:
             elif here:  # an earlier call with this key made the run, and runs it (or ran it)
                 here.release()
             self.pipeline.request_started(accepted.reference, run_id)
-        deadline = time.monotonic() + wait
         next_state = time.monotonic() + self.state_every
         poll = self.poll
         while True:
