@@ -63,9 +63,10 @@ def profiled_server_main(out: str, argv: list[str]) -> int:
     (SIGTERM)."""
     import cProfile
 
-    from entrypoints.prefect_server import stdlib_timestamps
+    from entrypoints.prefect_server import server_command, stdlib_timestamps
 
-    stdlib_timestamps()
+    if server_command(dict(os.environ)) == "entrypoints.prefect_server":
+        stdlib_timestamps()
 
     sys.argv = ["prefect", *argv]
     prof = cProfile.Profile()

@@ -18,7 +18,17 @@ from helpers import free_port
 from prefect.server.utilities import database
 from sqlalchemy.dialects import postgresql, sqlite
 
-from entrypoints.prefect_server import prefect_env, start_server, stdlib_timestamps, stop_server
+from entrypoints.prefect_server import prefect_env, server_command, start_server, stdlib_timestamps, stop_server
+
+
+@pytest.mark.parametrize(("env", "module"), [
+    ({}, "prefect"),
+    ({"PREFECT_API_DATABASE_CONNECTION_URL": "sqlite+aiosqlite:///x.db"}, "prefect"),
+    ({"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://p@h/d"}, "entrypoints.prefect_server"),
+    ({"PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://p@h/d"}, "entrypoints.prefect_server"),
+])
+def test_only_a_server_on_postgres_runs_through_the_timestamp_fix(env: dict[str, str], module: str) -> None:
+    assert server_command(env) == module
 
 
 def test_postgres_timestamps_are_bound_as_equal_plain_datetimes(monkeypatch: pytest.MonkeyPatch) -> None:

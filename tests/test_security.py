@@ -275,7 +275,7 @@ def test_start_server_binds_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(serve, "api_healthy", lambda api, timeout=1.0, http=None: True)
     serve.start_server(tmp_path / "prefect", port=4999)
     (args, env), = started
-    assert args[1:5] == ["-m", "entrypoints.prefect_server", "server", "start"]  # Prefect's CLI, timestamps fixed
+    assert args[1:5] == ["-m", "prefect", "server", "start"]  # on SQLite, Prefect's own CLI
     assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "4999"
     assert "0.0.0.0" not in " ".join(args) and "::" not in args
     assert env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
