@@ -45,13 +45,18 @@ def pg_schema_url(schema: str) -> str:
     return f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL schema (dropped afterwards). CI must have PostgreSQL: it never skips there."""
+def require_postgres() -> None:
+    """Skip the test without PostgreSQL on 127.0.0.1:5432; in CI, which must have it, fail it instead."""
     if not PG_AVAILABLE:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema (dropped afterwards). CI must have PostgreSQL: it never skips there."""
+    require_postgres()
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import httpx
 import pendulum
 import pytest
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL, PG_AVAILABLE
+from conftest import PG_ADMIN_URL, require_postgres
 from helpers import free_port
 from prefect.server.utilities import database
 from sqlalchemy.dialects import postgresql, sqlite
@@ -54,10 +53,7 @@ def test_postgres_timestamps_are_bound_as_equal_plain_datetimes(monkeypatch: pyt
 @pytest.fixture
 def prefect_database() -> Iterator[str]:
     """A fresh PostgreSQL database for one Prefect server (dropped afterwards), as its asyncpg URL."""
-    if not PG_AVAILABLE:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    require_postgres()
     name = f"prefect_t_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
