@@ -8,12 +8,11 @@ from typing import Any
 from prefect import flow
 
 from adapters.clock import utcnow
+from flows import FLOW_OPTIONS
 from models.whatif import Period, PolicyChangesIn
 from service.report import period_of
 from tasks.desk import gather_report, publish_report, publish_what_if, replay_policy
 from tasks.returns import pipeline
-
-FLOW_OPTIONS: dict[str, Any] = {"persist_result": False, "log_prints": False}
 
 
 @flow(name="policy-what-if", flow_run_name="what-if", **FLOW_OPTIONS)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from prefect import flow, get_client
 
-from flows.returns import FLOW_OPTIONS
+from flows import FLOW_OPTIONS
 from models.errors import InvalidInput, NotFound, StaleState
 from tasks.escalation import record_escalation, refresh_board
 from tasks.returns import notify

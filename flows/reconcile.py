@@ -11,6 +11,7 @@ from prefect.states import Completed, Failed
 from pydantic import AwareDatetime
 
 from adapters.clock import utcnow
+from flows import FLOW_OPTIONS
 from service.reconcile import Difference, reconcile
 from tasks.returns import RETRY, pipeline
 
@@ -25,7 +26,7 @@ def compare_refunds(since: datetime, until: datetime) -> list[Difference]:
     return reconcile(p.engine, p.providers, since, until)
 
 
-@flow(name="refund-reconciliation", flow_run_name="reconcile", persist_result=False, log_prints=False)
+@flow(name="refund-reconciliation", flow_run_name="reconcile", **FLOW_OPTIONS)
 def refund_reconciliation(days: int = 1, until: AwareDatetime | None = None) -> State[dict[str, Any]]:
     """Compare the refunds recorded for payments over a period with what each provider reports for them.
 

@@ -12,6 +12,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from pydantic import AwareDatetime, ValidationError
 
 from adapters.clock import utcnow
+from flows import FLOW_OPTIONS
 from models.errors import InvalidInput, NotFound, StaleState
 from models.policy import Reason, Resolution
 from models.review import Decision, ReviewReason, review_note
@@ -20,8 +21,6 @@ from models.schemas import ParcelIn, ReceiptIn, ReceiptLineIn, RequestLineIn, Re
 from service import stages
 from service.returns import Actor
 from tasks.returns import RELAY_REPORT, TASKS, pipeline, send_outbox
-
-FLOW_OPTIONS: dict[str, Any] = {"persist_result": False, "log_prints": False}
 
 
 def _plain(items: list[Any]) -> list[Any]:

@@ -223,6 +223,24 @@ def test_an_authorized_request_issues_the_rma_label_email_artifact_and_events(sh
     assert events_about(rma, {"returns.requested", "returns.authorized"})
 
 
+def test_a_stage_run_never_asks_the_server_for_result_storage(shop: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Results are never persisted; without a storage named on the flows Prefect's engine asks the server for its
+    # default twice per run (GET /admin/storage), a cost on every stage of every return.
+    from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+
+    asked: list[str] = []
+    for cls in (PrefectClient, SyncPrefectClient):
+        read = cls.read_server_default_result_storage
+        monkeypatch.setattr(cls, "read_server_default_result_storage",
+                            lambda self, _read=read, _name=cls.__name__: asked.append(_name) or _read(self))
+    state, _ = run(f.request_return, **request("IS-1001"))
+    assert state.is_completed(), state.message
+    received, _ = receive(state.result()["rma_number"], [])
+    assert received.is_completed(), received.message
+    assert asked == []
+    assert all(fl.persist_result is False for fl in (f.request_return, f.record_receipt, f.process_return))
+
+
 def test_a_declined_request_sends_its_email_and_issues_no_rma(shop: Pipeline) -> None:
     state, _ = run(f.request_return, **request("IS-1003"))
     assert state.is_completed()
