@@ -13,8 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.measure import (
     PG_DB,
     PG_URL,
@@ -110,7 +108,7 @@ class Run:
 
     def _start_profiled_server(self, port: int) -> subprocess.Popen[bytes]:
         """`prefect server start` under cProfile (the API and its services share one event loop thread)."""
-        from entrypoints.prefect_server import api_healthy
+        from entrypoints.prefect_server import wait_until_healthy
 
         self.server_profile = self.work / "server.prof"
         self.prefect_home.mkdir(parents=True, exist_ok=True)
@@ -118,12 +116,7 @@ class Run:
         proc = subprocess.Popen([sys.executable, "-m", "bench.pipeline", "_profiled_server", str(self.server_profile),
                                  "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        with httpx.Client() as http:
-            while not api_healthy(self.api_url, http=http):
-                self.deadline.check("starting the Prefect server")
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the Prefect server exited ({proc.returncode})")
-                time.sleep(0.3)
+        wait_until_healthy(proc, self.api_url, lambda: self.deadline.check("starting the Prefect server") or False)
         return proc
 
     def register_pid(self, pid: int) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,24 @@ def api_healthy(api_url: str, timeout: float = 1.0, http: httpx.Client | None = 
     """Whether the Prefect API at `api_url` answers /health; pass `http` when asking again and again."""
     # A new client loads the CA bundle into a fresh SSL context, even for http://: ~47 ms of CPU a check against
     # ~1.5 ms on a kept client (measured), and a server's start was 60-100 checks beside the starting server.
+    get = http.get if http is not None else httpx.get
     try:
-        if http is None:
-            return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
-        return http.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
+        return get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def wait_until_healthy(proc: subprocess.Popen[bytes], api_url: str, give_up: Callable[[], bool]) -> bool:
+    """True once the server `proc` started answers at `api_url`; False when `give_up()` says so first; RuntimeError
+    if the process exits."""
+    with httpx.Client() as http:  # one client for every check (see api_healthy)
+        while not api_healthy(api_url, http=http):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited with code {proc.returncode}")
+            if give_up():
+                return False
+            time.sleep(0.3)
+    return True
 
 
 def prefect_env(home: Path, port: int = PREFECT_PORT) -> dict[str, str]:
@@ -68,14 +81,11 @@ def start_server(home: Path, port: int = PREFECT_PORT, timeout: float = 90.0) ->
         env=env, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + timeout
-    api = env["PREFECT_API_URL"]
-    with httpx.Client() as http:
-        while time.monotonic() < deadline:
-            if api_healthy(api, http=http):
-                return proc
-            if proc.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited with code {proc.returncode}; see {home / 'server.log'}")
-            time.sleep(0.3)
+    try:
+        if wait_until_healthy(proc, env["PREFECT_API_URL"], lambda: time.monotonic() >= deadline):
+            return proc
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; see {home / 'server.log'}") from None
     stop_server(proc)
     raise RuntimeError(f"the Prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
 
